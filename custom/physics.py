@@ -2,7 +2,8 @@
 
 Conventions for every function here:
 
-* Tissue maps are tensors: ``pd`` and ``mt`` are fractions in [0, 1]; ``r1``, ``r2``, ``r2s`` are rates in 1/s.
+* Tissue maps are tensors: ``pd`` and ``mt`` are fractions in [0, 1]; ``r1``, ``r2``, ``r2s`` are rates
+  in 1/s.
 * Sequence parameters are keyword-only: times (``tr``, ``te``, ``ti``, ``tx``, ``td``) in seconds, ``flip`` in
   radians, ``n`` a count of excitation pulses, ``b1`` the (unitless) receive-field gain.
 * A parameter may be a Python number, a 0-d tensor, a tensor that broadcasts with the maps, or a 1-D tensor
@@ -33,10 +34,11 @@ def _reference(*maps: torch.Tensor | float) -> torch.Tensor:
 
 def _as_param(value: Param, ref: torch.Tensor) -> torch.Tensor:
     """Convert a scalar / per-batch / broadcastable parameter to a tensor that broadcasts with ``ref``."""
-    t = torch.as_tensor(value, device=ref.device)
-    if not t.is_floating_point():
-        t = t.to(ref.dtype)
-    elif t.dtype != ref.dtype:
+    # Python numbers go straight to the maps' dtype (never through float32, which would cost precision).
+    t = torch.as_tensor(
+        value, device=ref.device, dtype=ref.dtype if not isinstance(value, torch.Tensor) else None
+    )
+    if t.dtype != ref.dtype:
         t = t.to(ref.dtype)
     if t.ndim == 1 and ref.ndim > 1 and t.shape[0] == ref.shape[0] and t.shape[0] != 1:
         t = t.reshape((t.shape[0],) + (1,) * (ref.ndim - 1))
@@ -44,7 +46,9 @@ def _as_param(value: Param, ref: torch.Tensor) -> torch.Tensor:
 
 
 def _as_map(value: torch.Tensor | float, ref: torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(value, device=ref.device)
+    t = torch.as_tensor(
+        value, device=ref.device, dtype=ref.dtype if not isinstance(value, torch.Tensor) else None
+    )
     return t.to(ref.dtype) if t.dtype != ref.dtype else t
 
 
@@ -64,7 +68,9 @@ def _recovery(r1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return -torch.expm1(-r1 * t)
 
 
-def fse(pd: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, *, tr: Param, te: Param, b1: Param = 1.0) -> torch.Tensor:
+def fse(
+    pd: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, *, tr: Param, te: Param, b1: Param = 1.0
+) -> torch.Tensor:
     """Fast spin echo, paper eq. 1: ``B1 PD (1 - exp(-R1 TR)) exp(-R2 TE)``.
 
     Args:
@@ -145,9 +151,10 @@ def mprage(
 ) -> torch.Tensor:
     """Magnetisation-prepared rapid gradient echo, paper eq. 4, scaled by ``B1 PD``.
 
-    ``B1 PD | sin(a) (1 - E1) / (1 - cos(a) E1) (1 - (cos(a) exp(-TX R1))^n) exp(-TD R1) + (1 - exp(-TD R1)) |``
-    with ``E1 = exp(-R1 TR)``. Eq. 4 as printed has no PD or B1 factor, unlike eqs. 1-3; following NOTES.md
-    we multiply by ``B1 PD`` so every sequence shares one signal scale. Eq. 4 has no echo-time decay either.
+    ``B1 PD | sin(a) (1 - E1) / (1 - cos(a) E1) (1 - (cos(a) exp(-TX R1))^n) exp(-TD R1)
+    + (1 - exp(-TD R1)) |`` with ``E1 = exp(-R1 TR)``. Eq. 4 as printed has no PD or B1 factor, unlike
+    eqs. 1-3; following NOTES.md we multiply by ``B1 PD`` so every sequence shares one signal scale.
+    Eq. 4 has no echo-time decay either.
 
     Args:
         pd: fraction. r1: 1/s.

@@ -130,7 +130,11 @@ Distribution = Uniform | LogUniform | Normal | Log10Normal | Degrees | IntUnifor
 PRESETS: dict[str, dict[str, dict[str, Distribution]]] = {
     "paper": {
         "fse": {"te": LogUniform(0.001, 3.0), "tr": LogUniform(0.001, 3.0)},
-        "gre": {"te": LogUniform(0.002, 0.08), "tr": LogUniform(0.005, 5.0), "flip": Degrees(Uniform(5.0, 50.0))},
+        "gre": {
+            "te": LogUniform(0.002, 0.08),
+            "tr": LogUniform(0.005, 5.0),
+            "flip": Degrees(Uniform(5.0, 50.0)),
+        },
         "flair": {"te": Log10Normal(0.02, 0.1), "tr": LogUniform(0.001, 5.0), "ti": LogUniform(0.001, 3.0)},
         "mprage": {
             "tr": Normal(2.3, 0.23),
@@ -145,7 +149,11 @@ PRESETS: dict[str, dict[str, dict[str, Distribution]]] = {
         # T2w (long TE) to PDw (short TE) fast spin echo.
         "fse": {"te": Uniform(0.02, 0.15), "tr": Uniform(2.0, 8.0)},
         # spoiled GRE from T1w (short TR, large flip) to T2*w (long TR, long TE, small flip).
-        "gre": {"te": LogUniform(0.002, 0.08), "tr": LogUniform(0.005, 5.0), "flip": Degrees(Uniform(5.0, 50.0))},
+        "gre": {
+            "te": LogUniform(0.002, 0.08),
+            "tr": LogUniform(0.005, 5.0),
+            "flip": Degrees(Uniform(5.0, 50.0)),
+        },
         # CSF-nulled T2w FLAIR: TI near T1_csf * ln 2 for long TR.
         "flair": {"te": Uniform(0.08, 0.14), "tr": Uniform(8.0, 11.0), "ti": Uniform(2.2, 2.5)},
         "mprage": {
