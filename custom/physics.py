@@ -35,9 +35,7 @@ def _reference(*maps: torch.Tensor | float) -> torch.Tensor:
 def _as_param(value: Param, ref: torch.Tensor) -> torch.Tensor:
     """Convert a scalar / per-batch / broadcastable parameter to a tensor that broadcasts with ``ref``."""
     # Python numbers go straight to the maps' dtype (never through float32, which would cost precision).
-    t = torch.as_tensor(
-        value, device=ref.device, dtype=ref.dtype if not isinstance(value, torch.Tensor) else None
-    )
+    t = torch.as_tensor(value, device=ref.device, dtype=ref.dtype if not isinstance(value, torch.Tensor) else None)
     if t.dtype != ref.dtype:
         t = t.to(ref.dtype)
     if t.ndim == 1 and ref.ndim > 1 and t.shape[0] == ref.shape[0] and t.shape[0] != 1:
@@ -46,31 +44,65 @@ def _as_param(value: Param, ref: torch.Tensor) -> torch.Tensor:
 
 
 def _as_map(value: torch.Tensor | float, ref: torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(
-        value, device=ref.device, dtype=ref.dtype if not isinstance(value, torch.Tensor) else None
-    )
+    t = torch.as_tensor(value, device=ref.device, dtype=ref.dtype if not isinstance(value, torch.Tensor) else None)
     return t.to(ref.dtype) if t.dtype != ref.dtype else t
 
 
-def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``num / den`` with 0 where ``den`` is 0 (the 0/0 limits here, e.g. R1 = 0 with zero flip, are 0).
+class _Temporaries:
+    """Arithmetic on temporaries that a signal equation owns (never on its inputs).
 
-    The double ``where`` keeps gradients finite as well as values.
+    When no gradient is needed the operations run in place: on the CPU, allocating (and first touching) a new
+    whole-volume tensor per operation costs more than the arithmetic itself, so reusing buffers is what makes
+    torch faster than the NumPy version of the same equations (``benchmarks/simulate.py``). When a gradient is
+    needed they run out of place, so autograd sees an ordinary graph.
     """
-    tiny = torch.finfo(den.dtype).tiny
-    ok = den.abs() > tiny
-    safe_den = torch.where(ok, den, torch.ones_like(den))
-    return torch.where(ok, num / safe_den, torch.zeros_like(num))
+
+    def __init__(self, shape: torch.Size, *tensors: torch.Tensor) -> None:
+        self.shape = shape
+        self.inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+    def new(self, t: torch.Tensor) -> torch.Tensor:
+        """Adopt ``t`` (a freshly computed tensor) as a temporary of the full output shape."""
+        if self.inplace and t.shape != self.shape:
+            t = t.expand(self.shape).clone()
+        return t
+
+    def mul(self, t: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return t.mul_(other) if self.inplace else t * other
+
+    def exp(self, t: torch.Tensor) -> torch.Tensor:
+        return t.exp_() if self.inplace else t.exp()
+
+    def one_minus_exp(self, t: torch.Tensor) -> torch.Tensor:
+        """``1 - exp(t)`` via ``expm1`` (accurate for small ``|t|``)."""
+        return t.expm1_().neg_() if self.inplace else -torch.expm1(t)
+
+    def one_minus(self, t: torch.Tensor) -> torch.Tensor:
+        return t.neg_().add_(1.0) if self.inplace else 1.0 - t
+
+    def add(self, t: torch.Tensor, other: torch.Tensor | float) -> torch.Tensor:
+        return t.add_(other) if self.inplace else t + other
+
+    def abs(self, t: torch.Tensor) -> torch.Tensor:
+        return t.abs_() if self.inplace else t.abs()
+
+    def safe_div(self, num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+        """``num / den`` with 0 where ``den`` is 0 (the 0/0 limits here, e.g. R1 = 0 with zero flip, are 0).
+
+        Out of place, the double ``where`` keeps gradients finite as well as values.
+        """
+        bad = den.abs() <= torch.finfo(den.dtype).tiny
+        if self.inplace:
+            return num.div_(den.masked_fill_(bad, 1.0)).masked_fill_(bad, 0.0)
+        safe_den = torch.where(bad, torch.ones_like(den), den)
+        return torch.where(bad, torch.zeros_like(num), num / safe_den)
 
 
-def _recovery(r1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Longitudinal recovery ``1 - exp(-R1 t)`` computed with ``expm1`` (accurate for small R1 t)."""
-    return -torch.expm1(-r1 * t)
+def _shape(*tensors: torch.Tensor) -> torch.Size:
+    return torch.broadcast_shapes(*(t.shape for t in tensors))
 
 
-def fse(
-    pd: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, *, tr: Param, te: Param, b1: Param = 1.0
-) -> torch.Tensor:
+def fse(pd: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, *, tr: Param, te: Param, b1: Param = 1.0) -> torch.Tensor:
     """Fast spin echo, paper eq. 1: ``B1 PD (1 - exp(-R1 TR)) exp(-R2 TE)``.
 
     Args:
@@ -84,7 +116,10 @@ def fse(
     ref = _reference(pd, r1, r2)
     pd, r1, r2 = (_as_map(m, ref) for m in (pd, r1, r2))
     tr, te, b1 = (_as_param(p, ref) for p in (tr, te, b1))
-    return b1 * pd * _recovery(r1, tr) * torch.exp(-r2 * te)
+    tmp = _Temporaries(_shape(pd, r1, r2, tr, te, b1), pd, r1, r2, tr, te, b1)
+    signal = tmp.mul(tmp.one_minus_exp(tmp.new(r1 * -tr)), pd)
+    signal = tmp.mul(signal, tmp.exp(r2 * -te))
+    return tmp.mul(signal, b1)
 
 
 def gre(
@@ -111,11 +146,15 @@ def gre(
     ref = _reference(pd, r1, r2s, mt)
     pd, r1, r2s, mt = (_as_map(m, ref) for m in (pd, r1, r2s, mt))
     tr, te, flip, b1 = (_as_param(p, ref) for p in (tr, te, flip, b1))
-    e1 = torch.exp(-r1 * tr)
-    one_minus_mt = 1.0 - mt
-    num = torch.sin(flip) * one_minus_mt * _recovery(r1, tr)
-    den = 1.0 - torch.cos(flip) * one_minus_mt * e1
-    return b1 * pd * _safe_ratio(num, den) * torch.exp(-r2s * te)
+    tmp = _Temporaries(_shape(pd, r1, r2s, mt, tr, te, flip, b1), pd, r1, r2s, mt, tr, te, flip, b1)
+    one_minus_mt = tmp.new(1.0 - mt)
+    e1 = tmp.exp(tmp.new(r1 * -tr))
+    # numerator sin(a) (1 - MT) (1 - E1), denominator 1 - cos(a) (1 - MT) E1
+    num = tmp.mul(tmp.mul(tmp.one_minus_exp(tmp.new(r1 * -tr)), one_minus_mt), torch.sin(flip))
+    den = tmp.one_minus(tmp.mul(tmp.mul(e1, one_minus_mt), torch.cos(flip)))
+    signal = tmp.mul(tmp.safe_div(num, den), pd)
+    signal = tmp.mul(signal, tmp.exp(r2s * -te))
+    return tmp.mul(signal, b1)
 
 
 def flair(
@@ -134,8 +173,11 @@ def flair(
     ref = _reference(pd, r1, r2)
     pd, r1, r2 = (_as_map(m, ref) for m in (pd, r1, r2))
     tr, te, ti, b1 = (_as_param(p, ref) for p in (tr, te, ti, b1))
-    inversion = 1.0 - 2.0 * torch.exp(-r1 * ti) + torch.exp(-r1 * tr)
-    return b1 * pd * torch.exp(-r2 * te) * inversion
+    tmp = _Temporaries(_shape(pd, r1, r2, tr, te, ti, b1), pd, r1, r2, tr, te, ti, b1)
+    inversion = tmp.mul(tmp.exp(tmp.new(r1 * -ti)), -2.0)
+    inversion = tmp.add(tmp.add(inversion, tmp.exp(r1 * -tr)), 1.0)
+    signal = tmp.mul(tmp.mul(inversion, pd), tmp.exp(r2 * -te))
+    return tmp.mul(signal, b1)
 
 
 def mprage(
@@ -166,13 +208,16 @@ def mprage(
     ref = _reference(pd, r1)
     pd, r1 = (_as_map(m, ref) for m in (pd, r1))
     tr, tx, td, flip, n, b1 = (_as_param(p, ref) for p in (tr, tx, td, flip, n, b1))
-    e1 = torch.exp(-r1 * tr)
+    tmp = _Temporaries(_shape(pd, r1, tr, tx, td, flip, n, b1), pd, r1, tr, tx, td, flip, n, b1)
     cos_a = torch.cos(flip)
-    steady = _safe_ratio(_recovery(r1, tr), 1.0 - cos_a * e1)
-    train = 1.0 - torch.pow(cos_a * torch.exp(-tx * r1), n)
-    ed = torch.exp(-td * r1)
-    signal = torch.sin(flip) * steady * train * ed + _recovery(r1, td)
-    return b1 * pd * signal.abs()
+    recovery_tr = tmp.one_minus_exp(tmp.new(r1 * -tr))
+    den = tmp.one_minus(tmp.mul(tmp.exp(tmp.new(r1 * -tr)), cos_a))
+    steady = tmp.safe_div(recovery_tr, den)
+    train = tmp.mul(tmp.exp(tmp.new(r1 * -tx)), cos_a)
+    train = tmp.one_minus(train.pow_(n) if tmp.inplace else train.pow(n))
+    readout = tmp.mul(tmp.mul(tmp.mul(steady, train), tmp.exp(r1 * -td)), torch.sin(flip))
+    signal = tmp.abs(tmp.add(readout, tmp.one_minus_exp(r1 * -td)))
+    return tmp.mul(tmp.mul(signal, pd), b1)
 
 
 def mprage_delay_time(tr: Param, ti: Param, tx: Param, n: Param) -> torch.Tensor | float:
@@ -187,9 +232,7 @@ def mprage_delay_time(tr: Param, ti: Param, tx: Param, n: Param) -> torch.Tensor
     return torch.clamp(tr - ti - n * tx / 2.0, min=0.0)
 
 
-def rician_noise(
-    signal: torch.Tensor, sigma: Param, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def rician_noise(signal: torch.Tensor, sigma: Param, generator: torch.Generator | None = None) -> torch.Tensor:
     """Rician magnitude noise, paper eq. 5: ``sqrt((S + e_r)^2 + e_i^2)``, ``e_r, e_i ~ N(0, sigma^2)``.
 
     Args:
