@@ -1,0 +1,616 @@
+"""Networks of the paper (Appendix B): encoder, projector, reconstructor, and the frozen-encoder U-Net.
+
+Every network here is built from MONAI blocks:
+
+* ``monai.networks.blocks.Convolution`` for each conv -> InstanceNorm -> GELU -> dropout unit, and (with
+  ``is_transposed=True``) for the reconstructor's stride-2 transposed convolutions;
+* ``monai.networks.layers.factories.Pool`` for the 2x max-pooling between encoder levels;
+* ``monai.networks.blocks.UpSample`` (``mode="deconv"``) for the U-Net decoder's transposed-conv upsampling.
+
+The encoder mirrors MONAI ``BasicUNet``'s ``TwoConv`` / ``Down`` blocks (which the authors' code uses), with one
+difference: each conv unit here applies norm -> activation -> dropout (``adn_ordering="NAD"``, the order the
+paper states), where ``TwoConv`` applies norm -> dropout -> activation. The sub-module names (``conv_0``,
+``conv_1``, ``max_pooling``, ``convs``) are the same as in ``BasicUNet``.
+
+Shapes are written ``(B, C, *S)`` with ``S`` the spatial size (``D, H, W`` in 3D).
+
+Saved encoder weights (``models/model.pt`` of the pretraining bundle) are the plain state dict of
+:class:`Encoder`; :func:`encoder_state_dict` extracts it and :func:`load_encoder_weights` loads it (or a full
+model / checkpoint file) back with an explicit key mapping, reporting how many tensors were copied.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from monai.networks.blocks import Convolution, UpSample
+from monai.networks.layers.factories import Conv, Pool
+
+__all__ = [
+    "PAPER_ENCODER_FEATURES",
+    "PAPER_RECON_FEATURES",
+    "PAPER_DECODER_FEATURES",
+    "ConvBlock",
+    "Encoder",
+    "Projector",
+    "Reconstructor",
+    "PretrainingModel",
+    "UpBlock",
+    "FrozenEncoderUNet",
+    "load_encoder_weights",
+    "encoder_state_dict",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Encoder widths of the paper (Appendix B): five levels, the last four after a 2x max-pooling each.
+PAPER_ENCODER_FEATURES: tuple[int, ...] = (64, 128, 256, 512, 768)
+#: Reconstructor widths of the paper: four stride-2 transposed convolutions from the 768-channel deepest map.
+PAPER_RECON_FEATURES: tuple[int, ...] = (384, 192, 96, 48)
+#: Downstream U-Net decoder widths of the paper (see :class:`FrozenEncoderUNet` for how they map to blocks).
+PAPER_DECODER_FEATURES: tuple[int, ...] = (768, 512, 256, 128, 64, 32)
+
+#: Prefixes stripped from every key before matching (DDP wrapper, ``torch.compile`` wrapper).
+_WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
+#: Prefix of the encoder's keys in a :class:`PretrainingModel` or :class:`FrozenEncoderUNet` state dict.
+_ENCODER_PREFIX = "encoder."
+#: Keys under which checkpoint files keep a state dict (ignite ``CheckpointSaver`` uses ``network``/``model``).
+_CONTAINER_KEYS: tuple[str, ...] = ("encoder", "model", "network", "net", "state_dict", "model_state_dict")
+
+NormType = str | tuple
+ActType = str | tuple
+
+
+def _conv_unit(spatial_dims: int, in_ch: int, out_ch: int, norm: NormType, act: ActType, dropout: float) -> Convolution:
+    """A 3x3x3 conv -> norm -> act -> dropout unit (MONAI ``Convolution``, same padding).
+
+    ``(B, in_ch, *S) -> (B, out_ch, *S)``.
+    """
+    return Convolution(
+        spatial_dims,
+        in_ch,
+        out_ch,
+        kernel_size=3,
+        adn_ordering="NAD",
+        act=act,
+        norm=norm,
+        dropout=dropout if dropout > 0 else None,
+        bias=True,
+    )
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3x3 conv units (conv -> norm -> act -> dropout), like MONAI ``TwoConv``.
+
+    ``(B, in_channels, *S) -> (B, out_channels, *S)``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        norm: NormType = "instance",
+        act: ActType = "gelu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.add_module("conv_0", _conv_unit(spatial_dims, in_channels, out_channels, norm, act, dropout))
+        self.add_module("conv_1", _conv_unit(spatial_dims, out_channels, out_channels, norm, act, dropout))
+
+
+class _DownBlock(nn.Sequential):
+    """2x max-pooling then a :class:`ConvBlock`, like MONAI ``Down``. ``(B, Cin, *S) -> (B, Cout, *S/2)``."""
+
+    def __init__(
+        self, spatial_dims: int, in_channels: int, out_channels: int, norm: NormType, act: ActType, dropout: float
+    ) -> None:
+        super().__init__()
+        self.add_module("max_pooling", Pool["MAX", spatial_dims](kernel_size=2))
+        self.add_module("convs", ConvBlock(spatial_dims, in_channels, out_channels, norm, act, dropout))
+
+
+class Encoder(nn.Module):
+    """The paper's CNN encoder: ``len(features)`` levels of two 3x3x3 convs (InstanceNorm, GELU, dropout).
+
+    Level 0 works at full resolution; each later level first max-pools by 2. With the paper's widths
+    ``(64, 128, 256, 512, 768)`` a ``(B, 1, 96, 96, 96)`` patch gives maps of spatial size 96, 48, 24, 12, 6.
+
+    Args:
+        in_channels: image channels (1 for a single MRI contrast).
+        features: width of each level; the number of levels is ``len(features)``.
+        dropout: dropout probability after every conv unit.
+        norm: MONAI norm name or ``(name, kwargs)``; ``"instance"`` is ``InstanceNorm`` without affine
+            parameters and without running statistics (so train and eval modes normalise identically).
+        act: MONAI activation name or ``(name, kwargs)``.
+        spatial_dims: 3 for volumes (2 works too, for tests and 2D experiments).
+
+    Every spatial size of the input must be divisible by ``2 ** (len(features) - 1)`` (16 for five levels),
+    and with instance norm the deepest map needs at least two voxels (so ``16^3`` is too small for five levels,
+    ``32^3`` is fine); otherwise :meth:`forward` raises ``ValueError`` naming the shape.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        features: Sequence[int] = PAPER_ENCODER_FEATURES,
+        dropout: float = 0.2,
+        norm: NormType = "instance",
+        act: ActType = "gelu",
+        spatial_dims: int = 3,
+    ) -> None:
+        super().__init__()
+        features = tuple(int(f) for f in features)
+        if len(features) < 1 or any(f < 1 for f in features):
+            raise ValueError(f"Encoder features must be a non-empty sequence of positive widths, got {features}")
+        self.in_channels = int(in_channels)
+        self.features = features
+        self.spatial_dims = int(spatial_dims)
+        levels: list[nn.Module] = [ConvBlock(spatial_dims, in_channels, features[0], norm, act, dropout)]
+        for c_in, c_out in zip(features[:-1], features[1:], strict=True):
+            levels.append(_DownBlock(spatial_dims, c_in, c_out, norm, act, dropout))
+        self.levels = nn.ModuleList(levels)
+        # Instance norm cannot normalise a single voxel, so then the deepest map must hold at least two voxels.
+        self._needs_two_deep_voxels = any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in self.modules())
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the deepest feature map (``features[-1]``, 768 in the paper)."""
+        return self.features[-1]
+
+    @property
+    def size_divisor(self) -> int:
+        """Every input spatial size must be a multiple of this: ``2 ** (levels - 1)``."""
+        return 2 ** (len(self.features) - 1)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` naming the shape unless ``x`` is ``(B, in_channels, *S)`` with every size in ``S`` a
+        multiple of :attr:`size_divisor` (and, with instance norm, at least two voxels left at the deepest level)."""
+        shape = tuple(x.shape)
+        if x.ndim != self.spatial_dims + 2:
+            raise ValueError(
+                f"Encoder expects a (B, C, {', '.join('DHW'[-self.spatial_dims :])}) tensor, got shape {shape}"
+            )
+        if shape[1] != self.in_channels:
+            raise ValueError(f"Encoder expects {self.in_channels} input channel(s), got shape {shape}")
+        bad = [s for s in shape[2:] if s % self.size_divisor != 0]
+        if bad:
+            raise ValueError(
+                f"Encoder input spatial size must be divisible by {self.size_divisor} "
+                f"(2 ** (levels - 1) for {len(self.features)} levels), got shape {shape}"
+            )
+        if self._needs_two_deep_voxels and math.prod(s // self.size_divisor for s in shape[2:]) < 2:
+            raise ValueError(
+                f"Encoder input of shape {shape} leaves a single voxel at the deepest level (1/{self.size_divisor} "
+                "of each size), which instance norm cannot normalise; make at least one spatial size "
+                f"{2 * self.size_divisor} or more"
+            )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps of every level, shallowest first.
+
+        ``(B, in_channels, *S) -> [(B, features[i], *S / 2**i) for i in range(levels)]``.
+        """
+        self.check_input(x)
+        maps: list[torch.Tensor] = []
+        for level in self.levels:
+            x = level(x)
+            maps.append(x)
+        return maps
+
+    @staticmethod
+    def global_pool(feature_map: torch.Tensor) -> torch.Tensor:
+        """Global average over the spatial axes: ``(B, C, *S) -> (B, C)``."""
+        return feature_map.flatten(2).mean(dim=2)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Global-average-pooled deepest features ``h``: ``(B, in_channels, *S) -> (B, out_channels)``."""
+        return self.global_pool(self.forward(x)[-1])
+
+
+class Projector(nn.Module):
+    """Contrastive projection head: Linear -> GELU -> Linear. ``(B, in_dim) -> (B, out_dim)``."""
+
+    def __init__(self, in_dim: int = 768, hidden_dim: int = 512, out_dim: int = 128) -> None:
+        super().__init__()
+        self.in_dim, self.hidden_dim, self.out_dim = int(in_dim), int(hidden_dim), int(out_dim)
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``(B, in_dim) -> (B, out_dim)``."""
+        return self.net(h)
+
+
+class Reconstructor(nn.Module):
+    """Decoder of the pretraining reconstruction branch (no skip connections).
+
+    ``len(features)`` transposed convolutions (kernel 2, stride 2, each doubling every spatial size, each
+    followed by InstanceNorm and GELU; no dropout: the paper gives none here), then a 1x1x1 convolution to
+    ``out_channels``. ``(B, in_channels, *S) -> (B, out_channels, *S * 2**len(features))``.
+
+    With the paper's widths, ``(B, 768, 6, 6, 6) -> (B, 1, 96, 96, 96)``: four upsamplings invert the
+    encoder's four poolings exactly, so the output has the input patch size. :class:`PretrainingModel`
+    checks that the counts agree when it is built, and checks the output size in ``forward``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 768,
+        features: Sequence[int] = PAPER_RECON_FEATURES,
+        out_channels: int = 1,
+        norm: NormType = "instance",
+        act: ActType = "gelu",
+        spatial_dims: int = 3,
+    ) -> None:
+        super().__init__()
+        features = tuple(int(f) for f in features)
+        self.features = features
+        ups: list[nn.Module] = []
+        c_in = int(in_channels)
+        for c_out in features:
+            ups.append(
+                Convolution(
+                    spatial_dims,
+                    c_in,
+                    c_out,
+                    strides=2,
+                    kernel_size=2,
+                    adn_ordering="NA",
+                    act=act,
+                    norm=norm,
+                    is_transposed=True,
+                    padding=0,
+                    output_padding=0,
+                )
+            )
+            c_in = c_out
+        self.ups = nn.Sequential(*ups)
+        self.head = Conv["conv", spatial_dims](c_in, out_channels, kernel_size=1)
+
+    @property
+    def upsampling_factor(self) -> int:
+        """Factor by which every spatial size grows: ``2 ** len(features)``."""
+        return 2 ** len(self.features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_channels, *S) -> (B, out_channels, *S * 2**len(features))``."""
+        return self.head(self.ups(x))
+
+
+class PretrainingModel(nn.Module):
+    """Encoder + projector + reconstructor, the model of the contrastive pretraining stage.
+
+    ``forward(x)`` with ``x`` of shape ``(B, in_channels, *S)`` returns a dict:
+
+    * ``"z"``: projected embedding for the NT-Xent loss, ``(B, proj_dim)``;
+    * ``"h"``: global-average-pooled deepest encoder features, ``(B, features[-1])``;
+    * ``"recon"``: reconstruction of the (clean) image, ``(B, in_channels, *S)``, or ``None`` when
+      ``reconstruction=False`` (then ``self.reconstructor`` is ``None`` too).
+
+    ``len(recon_features)`` must equal ``len(features) - 1`` so the reconstruction has the input size
+    (``ValueError`` otherwise). The encoder-only weights are ``model.encoder.state_dict()``
+    (see :func:`encoder_state_dict`).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        features: Sequence[int] = PAPER_ENCODER_FEATURES,
+        dropout: float = 0.2,
+        proj_hidden: int = 512,
+        proj_dim: int = 128,
+        recon_features: Sequence[int] = PAPER_RECON_FEATURES,
+        reconstruction: bool = True,
+        norm: NormType = "instance",
+        act: ActType = "gelu",
+        spatial_dims: int = 3,
+    ) -> None:
+        super().__init__()
+        self.encoder = Encoder(in_channels, features, dropout, norm, act, spatial_dims)
+        self.projector = Projector(self.encoder.out_channels, proj_hidden, proj_dim)
+        self.reconstructor: Reconstructor | None = None
+        if reconstruction:
+            recon_features = tuple(recon_features)
+            if len(recon_features) != len(self.encoder.features) - 1:
+                raise ValueError(
+                    f"recon_features {recon_features} has {len(recon_features)} upsamplings but the encoder "
+                    f"{self.encoder.features} downsamples {len(self.encoder.features) - 1} times; the "
+                    "reconstruction would not have the input size. Give one width per encoder downsampling."
+                )
+            self.reconstructor = Reconstructor(
+                self.encoder.out_channels, recon_features, in_channels, norm, act, spatial_dims
+            )
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """``(B, C, *S) -> {"z": (B, proj_dim), "h": (B, features[-1]), "recon": (B, C, *S) or None}``."""
+        deepest = self.encoder(x)[-1]
+        h = Encoder.global_pool(deepest)
+        z = self.projector(h)
+        recon = None
+        if self.reconstructor is not None:
+            recon = self.reconstructor(deepest)
+            if recon.shape[2:] != x.shape[2:]:  # cannot happen with the checks above; guard against edits
+                raise RuntimeError(f"reconstruction shape {tuple(recon.shape)} != input shape {tuple(x.shape)}")
+        return {"z": z, "h": h, "recon": recon}
+
+
+class UpBlock(nn.Module):
+    """U-Net decoder step: 2x transposed-conv upsampling, concatenation with one skip, :class:`ConvBlock`.
+
+    ``(B, in_channels, *S), (B, skip_channels, *2S) -> (B, out_channels, *2S)``. The upsampling (MONAI
+    ``UpSample``, ``mode="deconv"``: kernel 2, stride 2) already maps ``in_channels -> out_channels``, so the
+    conv block sees ``out_channels + skip_channels`` channels.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        skip_channels: int,
+        out_channels: int,
+        norm: NormType = "instance",
+        act: ActType = "gelu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.upsample = UpSample(spatial_dims, in_channels, out_channels, scale_factor=2, mode="deconv")
+        self.convs = ConvBlock(spatial_dims, out_channels + skip_channels, out_channels, norm, act, dropout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Upsample ``x``, concatenate ``skip`` (channels), apply the two conv units."""
+        return self.convs(torch.cat([self.upsample(x), skip], dim=1))
+
+
+class FrozenEncoderUNet(nn.Module):
+    """Downstream U-Net: the pretrained :class:`Encoder` (frozen by default) and a trainable decoder.
+
+    Decoder widths ``decoder_features`` (paper: ``(768, 512, 256, 128, 64, 32)``) need
+    ``len(encoder_features) + 1`` entries and map onto blocks like this (``L = len(encoder_features)``,
+    encoder level ``i`` has ``encoder_features[i]`` channels at spatial size ``S / 2**i``):
+
+    * ``decoder_features[0]`` (768): ``bottleneck``, a :class:`ConvBlock` on the deepest encoder map
+      (level ``L-1``, ``S/16``); trainable, so the frozen deepest features get adapted to the task;
+    * ``decoder_features[1..L-1]`` (512, 256, 128, 64): ``ups[k]`` for ``k = 0..L-2``, an :class:`UpBlock`
+      that upsamples by 2 and concatenates the skip from encoder level ``L-2-k`` (levels 3, 2, 1, 0 at
+      ``S/8, S/4, S/2, S``); every encoder level is used exactly once (the deepest as the bottleneck input,
+      the others as skips);
+    * ``decoder_features[L]`` (32): ``final``, one 3x3x3 conv unit (InstanceNorm, GELU, dropout) at full
+      resolution;
+    * ``head``: a 1x1x1 convolution to ``out_channels`` (logits for segmentation; predicted noise for
+      denoising). No output activation.
+
+    Shapes: ``(B, in_channels, *S) -> (B, out_channels, *S)`` with ``S`` divisible by ``2 ** (L - 1)``.
+
+    Args:
+        in_channels: image channels.
+        out_channels: output channels (4 tissue classes for IXI, 2 for lesion, 1 for denoising).
+        encoder_features: widths of the encoder; must match the pretrained weights.
+        decoder_features: decoder widths as above.
+        dropout: dropout probability of every conv unit (encoder and decoder; the frozen encoder is kept in
+            eval mode, so its dropout is inactive while frozen).
+        pretrained_encoder: weights for the encoder: a state-dict file, a checkpoint, a MONAI bundle folder,
+            or a state dict (see :func:`load_encoder_weights`); ``None`` keeps the random initialisation.
+        freeze_encoder: ``True`` (paper): encoder parameters get ``requires_grad=False`` and the encoder stays
+            in eval mode even after ``model.train()``. ``False`` fine-tunes it.
+        norm, act, spatial_dims: as in :class:`Encoder`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 4,
+        encoder_features: Sequence[int] = PAPER_ENCODER_FEATURES,
+        decoder_features: Sequence[int] = PAPER_DECODER_FEATURES,
+        dropout: float = 0.2,
+        pretrained_encoder: str | Path | Mapping[str, Any] | None = None,
+        freeze_encoder: bool = True,
+        norm: NormType = "instance",
+        act: ActType = "gelu",
+        spatial_dims: int = 3,
+    ) -> None:
+        super().__init__()
+        self.encoder = Encoder(in_channels, encoder_features, dropout, norm, act, spatial_dims)
+        enc = self.encoder.features
+        dec = tuple(int(f) for f in decoder_features)
+        if len(dec) != len(enc) + 1:
+            raise ValueError(
+                f"decoder_features needs len(encoder_features) + 1 = {len(enc) + 1} widths (bottleneck, one per "
+                f"upsampling, final block), got {dec} for encoder_features {enc}"
+            )
+        self.bottleneck = ConvBlock(spatial_dims, enc[-1], dec[0], norm, act, dropout)
+        ups = []
+        c_in = dec[0]
+        for k, c_out in enumerate(dec[1:-1]):
+            skip_level = len(enc) - 2 - k
+            ups.append(UpBlock(spatial_dims, c_in, enc[skip_level], c_out, norm, act, dropout))
+            c_in = c_out
+        self.ups = nn.ModuleList(ups)
+        self.final = _conv_unit(spatial_dims, c_in, dec[-1], norm, act, dropout)
+        self.head = Conv["conv", spatial_dims](dec[-1], out_channels, kernel_size=1)
+        self.out_channels = int(out_channels)
+
+        self.encoder_frozen = bool(freeze_encoder)
+        self.loaded_encoder_tensors = 0
+        if pretrained_encoder is not None:
+            self.loaded_encoder_tensors = load_encoder_weights(self.encoder, pretrained_encoder)
+        if self.encoder_frozen:
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
+
+    def train(self, mode: bool = True) -> FrozenEncoderUNet:
+        """Set train/eval mode; a frozen encoder always stays in eval mode (no dropout)."""
+        super().train(mode)
+        if self.encoder_frozen:
+            self.encoder.eval()
+        return self
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters that require gradients (the decoder and head when the encoder is frozen)."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_channels, *S) -> (B, out_channels, *S)``."""
+        skips = self.encoder(x)
+        y = self.bottleneck(skips[-1])
+        for k, up in enumerate(self.ups):
+            y = up(y, skips[len(skips) - 2 - k])
+        return self.head(self.final(y))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights: extraction and loading with an explicit key mapping
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _strip_wrappers(key: str) -> str:
+    """Remove leading DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) prefixes, repeatedly."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def _unwrap_checkpoint(obj: Any, source: str) -> Mapping[str, Any]:
+    """Descend into checkpoint containers (``{"network": state_dict, "optimizer": ...}``) to the state dict."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{source}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+    for _ in range(4):  # at most a few nested containers
+        if any(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(
+            f"{source}: no tensors found; expected a state dict or a checkpoint holding one under one of "
+            f"{list(_CONTAINER_KEYS)}; top-level keys: {sorted(map(str, obj))[:10]}"
+        )
+    return obj
+
+
+def _encoder_entries(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Map a state dict to encoder keys.
+
+    Wrapper prefixes are stripped; if any key starts with ``encoder.`` (a full :class:`PretrainingModel` or
+    :class:`FrozenEncoderUNet` state dict), only those keys are kept, without the prefix; otherwise every key
+    is taken as an encoder key (an encoder-only state dict). Non-tensor values are ignored.
+    """
+    tensors = {_strip_wrappers(str(k)): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith(_ENCODER_PREFIX) for k in tensors):
+        return {k[len(_ENCODER_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_ENCODER_PREFIX)}
+    return tensors
+
+
+def _read_source(source: str | Path) -> Mapping[str, Any]:
+    """Load the object stored at ``source`` (a file, or a MONAI bundle folder -> ``models/model.pt``)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        candidates = [path / "models" / "model.pt", path / "model.pt"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise FileNotFoundError(
+                f"pretrained encoder folder {path} holds no weights: looked for {', '.join(map(str, candidates))}"
+            )
+        path = found
+    elif not path.is_file():
+        raise FileNotFoundError(f"pretrained encoder weights not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types (UnpicklingError, RuntimeError, EOFError, ...)
+        raise ValueError(f"cannot read pretrained encoder weights from {path}: {err}") from err
+
+
+def load_encoder_weights(encoder: nn.Module, source: str | Path | Mapping[str, Any], strict_widths: bool = True) -> int:
+    """Copy pretrained weights into ``encoder`` with an explicit key mapping; return how many tensors were copied.
+
+    Args:
+        encoder: an :class:`Encoder` (or any module whose state dict uses the same keys).
+        source: one of
+
+            * a ``.pt``/``.pth`` file (read with ``torch.load(weights_only=True)``) holding an encoder-only state
+              dict (bundle ``models/model.pt``), a full :class:`PretrainingModel` / :class:`FrozenEncoderUNet`
+              state dict (keys ``encoder.*``), or a checkpoint dict holding either under ``"model"``,
+              ``"network"``, ``"net"``, ``"state_dict"``, ``"model_state_dict"`` or ``"encoder"``;
+            * a MONAI bundle folder (``<folder>/models/model.pt``, or ``<folder>/model.pt``);
+            * such a dict itself.
+
+            ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``) prefixes are stripped first.
+        strict_widths: a key present in both with different shapes (an encoder of other widths) raises
+            ``ValueError``; with ``False`` such tensors are skipped with a warning instead.
+
+    Returns:
+        The number of tensors copied (logged at INFO as ``copied n/m``, ``m`` the encoder's tensor count).
+
+    Raises:
+        FileNotFoundError: the file or bundle weights do not exist (the message names the path).
+        ValueError: the file cannot be read, holds no state dict, no key matches the encoder (an error, not a
+            warning), or (``strict_widths``) a matching key has a different shape. Messages name the source.
+    """
+    name = "<state dict>" if isinstance(source, Mapping) else str(source)
+    raw = source if isinstance(source, Mapping) else _read_source(source)
+    entries = _encoder_entries(_unwrap_checkpoint(raw, name))
+
+    own = encoder.state_dict()
+    matched = {k: v for k, v in entries.items() if k in own}
+    if not matched:
+        raise ValueError(
+            f"no tensor of {name} matches the encoder: 0/{len(own)} copied. Source keys (first 5): "
+            f"{sorted(entries)[:5]}; expected keys like {sorted(own)[:5]}"
+        )
+    mismatched = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in matched.items() if v.shape != own[k].shape}
+    if mismatched:
+        detail = "; ".join(f"{k}: source {s} vs encoder {e}" for k, (s, e) in list(mismatched.items())[:5])
+        message = (
+            f"encoder widths of {name} differ from this encoder's ({len(mismatched)} tensor(s) of other shape: "
+            f"{detail}). Set the encoder features to those the weights were trained with."
+        )
+        if strict_widths:
+            raise ValueError(message)
+        logger.warning(message + " Skipping them.")
+        matched = {k: v for k, v in matched.items() if k not in mismatched}
+        if not matched:
+            raise ValueError(f"no tensor of {name} fits the encoder: 0/{len(own)} copied")
+
+    with torch.no_grad():
+        for k, v in matched.items():
+            own[k].copy_(v)  # state_dict() tensors share storage with the parameters/buffers
+    missing = sorted(set(own) - set(matched))
+    unused = sorted(set(entries) - set(own))
+    logger.info("loaded pretrained encoder from %s: copied %d/%d tensors", name, len(matched), len(own))
+    if missing:
+        logger.warning("%d encoder tensor(s) not in %s, left as initialised: %s", len(missing), name, missing[:5])
+    if unused:
+        logger.warning("%d tensor(s) of %s match no encoder key, ignored: %s", len(unused), name, unused[:5])
+    return len(matched)
+
+
+def encoder_state_dict(model: nn.Module | Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Encoder-only state dict (CPU tensors) for saving as a bundle's ``models/model.pt``.
+
+    ``model`` may be an :class:`Encoder`, any module with an ``encoder`` attribute (:class:`PretrainingModel`,
+    :class:`FrozenEncoderUNet`), either wrapped by DDP / ``torch.compile``, or a full state dict / checkpoint
+    (keys ``encoder.*`` are extracted). The keys are those :func:`load_encoder_weights` expects.
+    """
+    if isinstance(model, Mapping):
+        state: Mapping[str, Any] = _encoder_entries(_unwrap_checkpoint(model, "<state dict>"))
+    else:
+        module = model
+        while True:  # DDP (``.module``) / torch.compile (``._orig_mod``) wrappers, in any nesting
+            inner = next((getattr(module, a) for a in ("module", "_orig_mod") if hasattr(module, a)), None)
+            if not isinstance(inner, nn.Module):
+                break
+            module = inner
+        if not isinstance(module, Encoder) and isinstance(getattr(module, "encoder", None), nn.Module):
+            module = module.encoder
+        state = module.state_dict()
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
