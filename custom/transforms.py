@@ -55,6 +55,7 @@ from monai.transforms import (
 from monai.utils import MAX_SEED, ensure_tuple, ensure_tuple_rep
 
 from custom import physics
+from custom.errors import InputError
 from custom.sequences import SEQUENCES, SequenceSample, sample_distinct_sequences, sample_sequence, simulate
 
 __all__ = [
@@ -928,7 +929,7 @@ class ContrastiveViewsd(MapTransform, RandomizableTransform):
         empty_threshold: float = 1e-6,
     ) -> None:
         if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+            raise InputError(f"mode must be one of {_MODES}, got {mode!r}")
         keys = [qmri_key] if qmri_key is not None else list(map_keys)
         MapTransform.__init__(self, keys, allow_missing_keys=True)
         RandomizableTransform.__init__(self, prob=1.0)
