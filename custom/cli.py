@@ -3,6 +3,7 @@
 Commands:
     seqinv synth --out data/synthetic --subjects 4 --seed 0 [--resolution 2] [--preview]
     seqinv simulate --sequence mprage --preset clinical --seed 0   (print one sampled protocol)
+    seqinv invariance --weights bundles/seqinv_pretrain/models/model.pt --dataset_dir data/heldout/qmri --split all
 """
 
 from __future__ import annotations
@@ -57,6 +58,57 @@ class Commands:
             progress=not quiet,
         )
         print(json.dumps(summary, indent=2, default=str))
+
+    def invariance(
+        self,
+        weights: str | None = None,
+        dataset_dir: str = "data/synthetic/qmri",
+        features: tuple[int, ...] | list[int] = (64, 128, 256, 512, 768),
+        k: int = 8,
+        preset: str = "clinical",
+        split: str = "validation",
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        noise: float = 0.01,
+        roi_mm: float | None = 128.0,
+        compare_random: bool = True,
+        output_json: str | None = None,
+        device: str | None = None,
+    ) -> None:
+        """Cross-sequence retrieval: is the nearest embedding under another sequence the same subject?
+
+        Embeds each subject under ``k`` simulated protocols and reports top-1 retrieval accuracy and the ratio of
+        same-subject to different-subject distances, for the given encoder weights and a random-init encoder.
+
+        Args:
+            weights: encoder weights (``models/model.pt``, a checkpoint, or a bundle folder); none: random init.
+            dataset_dir: folder of qMRI subject folders.
+            features: encoder widths the weights were trained with, e.g. ``"[8,16,32,64,96]"``.
+            k: protocols per subject (sequence types round-robin). preset: ``clinical`` or ``paper``.
+            split: ``all`` subjects of the folder, or the pretraining datalist's ``validation`` split.
+            val_fraction, seed: the split (as in the pretraining bundle).
+            noise: Rician noise sigma on the normalised images. roi_mm: edge of the embedded cube, mm.
+            compare_random: also evaluate a random-init encoder in the same run.
+            output_json: write the results there.
+            device: ``cuda`` or ``cpu`` (default: cuda when available).
+        """
+        from custom.invariance import run_invariance
+
+        run_invariance(
+            weights,
+            dataset_dir,
+            features=tuple(int(f) for f in features),
+            k=int(k),
+            preset=preset,
+            seed=int(seed),
+            device=device,
+            output_json=output_json,
+            split=split,
+            compare_random=bool(compare_random),
+            noise=float(noise),
+            val_fraction=float(val_fraction),
+            roi_mm=None if roi_mm is None else float(roi_mm),
+        )
 
     def simulate(self, sequence: str | None = None, preset: str = "paper", seed: int = 0) -> None:
         """Print one sampled protocol (SI units) as JSON, e.g. to inspect a preset."""

@@ -74,6 +74,26 @@ def _bounding_box(region: torch.Tensor) -> tuple[slice, ...]:
     return tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(low, high, strict=True))
 
 
+def _voxel_spacing(image: Any) -> list[float]:
+    """Voxel edge lengths (mm) from a MetaTensor's affine (1 mm when there is none)."""
+    affine = getattr(image, "affine", None)
+    if affine is None:
+        return [1.0, 1.0, 1.0]
+    affine = torch.as_tensor(affine, dtype=torch.float64)
+    return [float(v) for v in torch.linalg.norm(affine[:3, :3], dim=0)]
+
+
+def _central_box(region: torch.Tensor, size: Sequence[int]) -> tuple[slice, ...]:
+    """Slices of a box of ``size`` voxels centred on the centre of mass of ``region``, shifted to fit inside."""
+    centre = torch.nonzero(region).float().mean(dim=0).round().long().tolist()
+    box = []
+    for c, n, full in zip(centre, size, region.shape, strict=True):
+        n = min(int(n), int(full))
+        start = min(max(int(c) - n // 2, 0), int(full) - n)
+        box.append(slice(start, start + n))
+    return tuple(box)
+
+
 def _pad_to(image: torch.Tensor, divisor: int, min_size: int) -> torch.Tensor:
     """Zero-pad the spatial axes of ``(C, *S)`` symmetrically to multiples of ``divisor`` of at least ``min_size``."""
     pads: list[int] = []
@@ -282,6 +302,7 @@ def evaluate_invariance(
     noise: float = 0.01,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    roi_mm: float | None = 128.0,
 ) -> InvarianceResult:
     """Cross-sequence retrieval of ``encoder`` on qMRI subjects, each imaged with the same ``k`` protocols.
 
@@ -302,6 +323,10 @@ def evaluate_invariance(
         noise: Rician noise sigma relative to the normalised image (0: noise-free).
         device: where the encoder runs.
         progress: show a tqdm bar over subjects.
+        roi_mm: embed a cube of this edge (mm) centred on the brain's centre of mass instead of the whole
+            brain bounding box. A fixed box removes the cue that whole-volume embeddings otherwise get from
+            each subject's brain outline and box size (which lets even a random encoder retrieve subjects),
+            so retrieval has to rest on the anatomy inside the brain. ``None``: the bounding box.
     """
     if len(subjects) < 2:
         raise ValueError(
@@ -324,7 +349,11 @@ def evaluate_invariance(
         region = _plain(data["mask"])[0] > 0 if data.get("mask") is not None else pd > 0
         if not bool(region.any()):
             raise ValueError(f"subject {name}: empty brain region (no mask voxel / no PD > 0 voxel)")
-        box = _bounding_box(region)
+        if roi_mm is None:
+            box = _bounding_box(region)
+        else:
+            spacing = _voxel_spacing(data["pd"])
+            box = _central_box(region, [max(int(round(roi_mm / sp)), 1) for sp in spacing])
         pd, r1, r2s, mt, region = (t[box] for t in (pd, r1, r2s, mt, region))
         r2 = r2[box] if r2 is not None else None
         rows = []
@@ -367,6 +396,7 @@ def run_invariance(
     noise: float = 0.01,
     val_fraction: float = 0.1,
     progress: bool = True,
+    roi_mm: float | None = 128.0,
 ) -> dict[str, Any]:
     """Evaluate the sequence invariance of pretrained encoder weights on a qMRI folder (and of a random baseline).
 
@@ -386,6 +416,7 @@ def run_invariance(
         subjects_limit: evaluate only the first this many subjects.
         val_fraction: held-out share of the ``validation`` / ``training`` split.
         progress: show progress bars.
+        roi_mm: edge of the embedded cube (mm) of :func:`evaluate_invariance` (``None``: brain bounding box).
 
     Returns:
         ``{"dataset_dir", "split", "subjects", "n_subjects", "k", "preset", "seed", "noise", "device",
@@ -432,7 +463,15 @@ def run_invariance(
     results: dict[str, InvarianceResult] = {}
     for label, encoder in encoders.items():
         results[label] = evaluate_invariance(
-            encoder, subjects, k=k, preset=preset, seed=seed, noise=noise, device=device, progress=progress
+            encoder,
+            subjects,
+            k=k,
+            preset=preset,
+            seed=seed,
+            noise=noise,
+            device=device,
+            progress=progress,
+            roi_mm=roi_mm,
         )
         logger.info("%s: %s", label, results[label])
     table = format_table(results)

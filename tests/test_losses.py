@@ -205,6 +205,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         loss_fn(projector(x)).backward()
         results["ddp_grads"] = [p.grad.clone() for p in projector.module.parameters()]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -222,9 +223,15 @@ def _projector_inputs() -> torch.Tensor:
 def test_distributed_gather_matches_single_process(tmp_path) -> None:
     """Two gloo ranks with half the batch each reproduce the single-process loss and gradients (about 5 s)."""
     world_size = 2
-    torch.multiprocessing.spawn(
-        _ddp_worker, args=(world_size, str(tmp_path / "store"), str(tmp_path)), nprocs=world_size, join=True
-    )
+    try:
+        torch.multiprocessing.spawn(
+            _ddp_worker, args=(world_size, str(tmp_path / "store"), str(tmp_path)), nprocs=world_size, join=True
+        )
+    except torch.multiprocessing.ProcessExitedException:
+        # gloo occasionally aborts in its C++ teardown ("terminate called without an active exception") after
+        # every rank has saved its results; only a failure before that is a failure of the code under test.
+        if not all((tmp_path / f"rank{r}.pt").is_file() for r in range(world_size)):
+            raise
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
     loss_fn = NTXentLoss(temperature=0.3)
     for n_views in (2, 3):
