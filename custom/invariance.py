@@ -41,7 +41,7 @@ from custom.io import atomic_write_text
 from custom.networks import PAPER_ENCODER_FEATURES, Encoder, load_encoder_weights
 from custom.physics import rician_noise
 from custom.sequences import SEQUENCES, SequenceSample, as_generator, sample_sequence, simulate
-from custom.transforms import robust_max
+from custom.transforms import polynomial_log_field, robust_max
 
 __all__ = [
     "InvarianceResult",
@@ -83,9 +83,11 @@ def _voxel_spacing(image: Any) -> list[float]:
     return [float(v) for v in torch.linalg.norm(affine[:3, :3], dim=0)]
 
 
-def _central_box(region: torch.Tensor, size: Sequence[int]) -> tuple[slice, ...]:
-    """Slices of a box of ``size`` voxels centred on the centre of mass of ``region``, shifted to fit inside."""
-    centre = torch.nonzero(region).float().mean(dim=0).round().long().tolist()
+def _central_box(region: torch.Tensor, size: Sequence[int], shift: Sequence[int] = (0, 0, 0)) -> tuple[slice, ...]:
+    """Slices of a box of ``size`` voxels centred on the centre of mass of ``region`` (moved by ``shift``
+    voxels), shifted to fit inside the volume."""
+    mass_centre = torch.nonzero(region).float().mean(dim=0).round().long().tolist()
+    centre = [int(c) + int(d) for c, d in zip(mass_centre, shift, strict=True)]
     box = []
     for c, n, full in zip(centre, size, region.shape, strict=True):
         n = min(int(n), int(full))
@@ -303,6 +305,8 @@ def evaluate_invariance(
     device: str | torch.device = "cpu",
     progress: bool = True,
     roi_mm: float | None = 128.0,
+    jitter_mm: float = 8.0,
+    b1_field: float = 0.2,
 ) -> InvarianceResult:
     """Cross-sequence retrieval of ``encoder`` on qMRI subjects, each imaged with the same ``k`` protocols.
 
@@ -327,6 +331,10 @@ def evaluate_invariance(
             brain bounding box. A fixed box removes the cue that whole-volume embeddings otherwise get from
             each subject's brain outline and box size (which lets even a random encoder retrieve subjects),
             so retrieval has to rest on the anatomy inside the brain. ``None``: the bounding box.
+        jitter_mm: each protocol is a separate acquisition: its cube is moved by up to this many mm per axis
+            (head position), seeded per subject and protocol.
+        b1_field: and gets its own smooth receive field ``exp(degree-2 Legendre polynomial)`` with coefficients
+            in ``[-b1_field, b1_field]`` (0: none).
     """
     if len(subjects) < 2:
         raise ValueError(
@@ -349,22 +357,31 @@ def evaluate_invariance(
         region = _plain(data["mask"])[0] > 0 if data.get("mask") is not None else pd > 0
         if not bool(region.any()):
             raise ValueError(f"subject {name}: empty brain region (no mask voxel / no PD > 0 voxel)")
-        if roi_mm is None:
-            box = _bounding_box(region)
-        else:
-            spacing = _voxel_spacing(data["pd"])
-            box = _central_box(region, [max(int(round(roi_mm / sp)), 1) for sp in spacing])
-        pd, r1, r2s, mt, region = (t[box] for t in (pd, r1, r2s, mt, region))
-        r2 = r2[box] if r2 is not None else None
+        full = {"pd": pd, "r1": r1, "r2s": r2s, "mt": mt, "r2": r2, "region": region}
+        spacing = _voxel_spacing(data["pd"])
         rows = []
         for j, sample in enumerate(panel):
-            image = simulate(sample, pd, r1, r2s, mt, r2=r2)
-            scale = float(robust_max(image, region, NORM_PERCENTILE))
+            # each protocol is a separate acquisition: its own head position and receive field
+            gen = _noise_generator(seed, s, j)
+            if roi_mm is None:
+                box = _bounding_box(region)
+            else:
+                shift = [
+                    int(round(float(torch.empty(()).uniform_(-jitter_mm, jitter_mm, generator=gen)) / sp))
+                    for sp in spacing
+                ]
+                box = _central_box(region, [max(int(round(roi_mm / sp)), 1) for sp in spacing], shift)
+            crop = {key: (t[box] if t is not None else None) for key, t in full.items()}
+            image = simulate(sample, crop["pd"], crop["r1"], crop["r2s"], crop["mt"], r2=crop["r2"])
+            if b1_field > 0:
+                coeffs = (torch.rand(9, generator=gen, dtype=torch.float64) * 2 - 1) * b1_field
+                image = image * torch.exp(polynomial_log_field(coeffs.tolist(), image.shape, degree=2))
+            scale = float(robust_max(image, crop["region"], NORM_PERCENTILE))
             if not math.isfinite(scale) or scale <= 0:
                 raise ValueError(f"subject {name}: {sample} gives no signal in the brain (99.5th percentile {scale})")
             image = image / scale
             if noise > 0:
-                image = rician_noise(image, noise, generator=_noise_generator(seed, s, j))
+                image = rician_noise(image, noise, generator=gen)
             rows.append(embed_volume(encoder, image[None], device))
         embeddings.append(torch.stack(rows))
     result = cross_sequence_retrieval(torch.stack(embeddings), [p.name for p in panel])
