@@ -115,3 +115,45 @@ def test_clinical_contrast_order_on_tissue_values(seed):
             break
     t2w = S.simulate(fse, PD, R1, R2S, MT, r2=R2)
     assert t2w[CSF] > t2w[GM] > t2w[WM]
+
+
+@pytest.fixture(scope="module")
+def synthetic_subjects(tmp_path_factory):
+    """Two synthetic qMRI subjects (4 mm) loaded in SI units, with their tissue labels."""
+    import nibabel as nib
+
+    from custom.data.qmri import load_qmri_maps
+    from custom.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("synthetic_order")
+    generate_dataset(root, subjects=2, seed=3, resolution=4.0, preview=False, progress=False)
+    subjects = []
+    for folder in sorted((root / "qmri").iterdir()):
+        name = folder.name
+        volume = load_qmri_maps({k: folder / f"{name}_{k}.nii.gz" for k in ("PD", "R1", "R2s", "MT", "R2")})
+        labels = np.asarray(nib.load(str(folder / f"{name}_labels.nii.gz")).dataobj)
+        maps = {k: torch.from_numpy(v) for k, v in volume.maps.items()}
+        subjects.append((maps, torch.from_numpy(labels.astype(np.int64))))
+    return subjects
+
+
+def _tissue_means(image: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    return {name: float(image[labels == value].mean()) for name, value in (("gm", 1), ("wm", 2), ("csf", 3))}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_clinical_contrast_order_on_synthetic_subjects(synthetic_subjects, seed):
+    """Clinical preset on synthetic brains: MPRAGE WM > GM > CSF; long-TE FSE CSF > GM > WM; FLAIR CSF darkest."""
+    g = torch.Generator().manual_seed(seed)
+    mprage = S.sample_sequence("mprage", preset="clinical", generator=g)
+    flair = S.sample_sequence("flair", preset="clinical", generator=g)
+    while (fse := S.sample_sequence("fse", preset="clinical", generator=g)).params["te"] < 0.08:
+        pass
+    for maps, labels in synthetic_subjects:
+        args = (maps["PD"], maps["R1"], maps["R2s"], maps["MT"])
+        t1w = _tissue_means(S.simulate(mprage, *args, r2=maps["R2"]), labels)
+        assert t1w["wm"] > t1w["gm"] > t1w["csf"], (str(mprage), t1w)
+        t2w = _tissue_means(S.simulate(fse, *args, r2=maps["R2"]), labels)
+        assert t2w["csf"] > t2w["gm"] > t2w["wm"], (str(fse), t2w)
+        fl = _tissue_means(S.simulate(flair, *args, r2=maps["R2"]), labels)
+        assert fl["csf"] < min(fl["gm"], fl["wm"]), (str(flair), fl)
