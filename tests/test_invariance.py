@@ -156,7 +156,9 @@ def test_anatomy_oracle_is_invariant(subjects: list[dict[str, str]]) -> None:
 
 
 def test_contrast_only_encoder_scores_chance(subjects: list[dict[str, str]]) -> None:
-    result = evaluate_invariance(ContrastEncoder(), subjects, k=8, noise=0.0, b1_field=0.0, jitter_mm=0.0, progress=False)
+    result = evaluate_invariance(
+        ContrastEncoder(), subjects, k=8, noise=0.0, b1_field=0.0, jitter_mm=0.0, progress=False
+    )
     assert result.top1 == pytest.approx(result.chance_top1)
     assert result.distance_ratio > 1.0
     noisy = evaluate_invariance(ContrastEncoder(), subjects, k=8, noise=0.01, progress=False)
