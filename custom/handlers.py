@@ -74,9 +74,7 @@ class ResumableCheckpoint:
             return
         device = getattr(engine.state, "device", None) or "cpu"
         CheckpointLoader(load_path=str(self.path), load_dict=self.save_dict, map_location=device)(engine)
-        logger.info(
-            f"resumed from {self.path}: epoch {engine.state.epoch}, iteration {engine.state.iteration}"
-        )
+        logger.info(f"resumed from {self.path}: epoch {engine.state.epoch}, iteration {engine.state.iteration}")
         print(f"resumed from {self.path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
 
     def save(self, engine: Engine) -> None:

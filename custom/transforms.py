@@ -145,9 +145,7 @@ def _torch_generator(seed: int, device: torch.device) -> torch.Generator:
     return g
 
 
-def robust_max(
-    image: torch.Tensor, region: torch.Tensor | None = None, percentile: float = 99.5
-) -> torch.Tensor:
+def robust_max(image: torch.Tensor, region: torch.Tensor | None = None, percentile: float = 99.5) -> torch.Tensor:
     """The ``percentile``-th percentile of ``image`` inside ``region`` (a 0-d tensor on the image's device).
 
     Args:
@@ -260,15 +258,10 @@ class QMRIMaps:
         if qmri_key is not None:
             if qmri_key not in data:
                 raise KeyError(f"qMRI image key {qmri_key!r} not in data (keys: {list(data)})")
-            q = (
-                torch.as_tensor(data[qmri_key])
-                if not isinstance(data[qmri_key], torch.Tensor)
-                else data[qmri_key]
-            )
+            q = torch.as_tensor(data[qmri_key]) if not isinstance(data[qmri_key], torch.Tensor) else data[qmri_key]
             if q.ndim != 4 or q.shape[0] not in (4, 5):
                 raise ValueError(
-                    f"{qmri_key!r} must be (4 or 5, X, Y, Z) with channels PD, R1, R2*, MT[, R2]; got "
-                    f"{tuple(q.shape)}"
+                    f"{qmri_key!r} must be (4 or 5, X, Y, Z) with channels PD, R1, R2*, MT[, R2]; got {tuple(q.shape)}"
                 )
             chans = [q[c : c + 1] for c in range(q.shape[0])]
         else:
@@ -353,9 +346,7 @@ def _draw_protocol(
     is used (a warning says so; its record names the preset).
     """
     sample = (
-        first
-        if first is not None
-        else sample_sequence(None, preset=preset, sequences=sequences, generator=generator)
+        first if first is not None else sample_sequence(None, preset=preset, sequences=sequences, generator=generator)
     )
     image = simulate_fn(sample)
     tries = 1
@@ -491,9 +482,7 @@ class RandSimulateSequenced(MapTransform, RandomizableTransform):
         if self.fixed_sample is not None:
             sample, clean = self.fixed_sample, maps.simulate(self.fixed_sample, b1)
             if _is_empty(clean, pd_max, self.empty_threshold):
-                warnings.warn(
-                    f"replayed protocol {sample} gives an empty image", RuntimeWarning, stacklevel=2
-                )
+                warnings.warn(f"replayed protocol {sample} gives an empty image", RuntimeWarning, stacklevel=2)
         else:
             sample, clean = _draw_protocol(
                 lambda s: maps.simulate(s, b1),
@@ -718,9 +707,7 @@ class MRIAugmentations(Randomizable):
         self.spatial = spatial
         self.artefacts = artefacts
 
-    def set_random_state(
-        self, seed: int | None = None, state: np.random.RandomState | None = None
-    ) -> MRIAugmentations:
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> MRIAugmentations:
         super().set_random_state(seed=seed, state=state)
         for stage in (self.crop, self.spatial, self.artefacts):
             stage.set_random_state(seed=int(self.R.randint(MAX_SEED, dtype="uint32")))
@@ -820,10 +807,7 @@ def mri_augmentations(
                 padding_mode="zeros",
                 allow_missing_keys=True,
             ),
-            *(
-                RandFlipd(spatial_keys, prob=flip_prob, spatial_axis=a, allow_missing_keys=True)
-                for a in range(3)
-            ),
+            *(RandFlipd(spatial_keys, prob=flip_prob, spatial_axis=a, allow_missing_keys=True) for a in range(3)),
         ],
         lazy=True,
         # lazy resampling takes interpolation/padding from these per-key overrides, not RandAffined's args
@@ -960,9 +944,7 @@ class ContrastiveViewsd(MapTransform, RandomizableTransform):
         for forbidden in ("keys", "label_keys", "crop_keys", "patch_size"):
             if forbidden in aug_kwargs:
                 raise ValueError(f"augment must not set {forbidden!r}; ContrastiveViewsd sets it")
-        self.augment = mri_augmentations(
-            (_IMAGE,), self.patch_size, crop_keys=(*QMRIMaps.NAMES, _IMAGE), **aug_kwargs
-        )
+        self.augment = mri_augmentations((_IMAGE,), self.patch_size, crop_keys=(*QMRIMaps.NAMES, _IMAGE), **aug_kwargs)
         self._seq_seed = 0
         self._b1_sets: list[list[float] | None] = [None, None]
 
@@ -979,21 +961,15 @@ class ContrastiveViewsd(MapTransform, RandomizableTransform):
         self._seq_seed = int(self.R.randint(_SEED_HIGH))
         n_terms = len(_poly_terms(self.b1_degree))
         self._b1_sets = [
-            [float(c) for c in self.R.uniform(-self.b1_field, self.b1_field, n_terms)]
-            if self.b1_field > 0
-            else None
+            [float(c) for c in self.R.uniform(-self.b1_field, self.b1_field, n_terms)] if self.b1_field > 0 else None
             for _ in range(2)
         ]
 
     # -- sources ---------------------------------------------------------------------------------------------
-    def _b1_field(
-        self, coeffs: list[float] | None, shape: Sequence[int], ref: torch.Tensor, **kw: Any
-    ) -> Any:
+    def _b1_field(self, coeffs: list[float] | None, shape: Sequence[int], ref: torch.Tensor, **kw: Any) -> Any:
         if coeffs is None:
             return 1.0
-        field = polynomial_log_field(
-            coeffs, shape, degree=self.b1_degree, device=ref.device, dtype=ref.dtype, **kw
-        )
+        field = polynomial_log_field(coeffs, shape, degree=self.b1_degree, device=ref.device, dtype=ref.dtype, **kw)
         return torch.exp(field).unsqueeze(0)
 
     def _simulated_sources(self, maps: QMRIMaps, mask: torch.Tensor | None) -> list[_Source]:
@@ -1011,9 +987,7 @@ class ContrastiveViewsd(MapTransform, RandomizableTransform):
         elif self.mode == "seqaug":
             firsts = [None]
         else:
-            firsts = list(
-                sample_distinct_sequences(2, preset=self.preset, sequences=self.sequences, generator=g)
-            )
+            firsts = list(sample_distinct_sequences(2, preset=self.preset, sequences=self.sequences, generator=g))
         sources = []
         for i, first in enumerate(firsts):
             coeffs = self._b1_sets[i]

@@ -19,9 +19,7 @@ def np_fse(pd, r1, r2, tr, te, b1=1.0):
 
 def np_gre(pd, r1, r2s, mt, tr, te, flip, b1=1.0):
     e1 = np.exp(-r1 * tr)
-    return (
-        b1 * pd * np.sin(flip) * (1 - mt) * (1 - e1) / (1 - np.cos(flip) * (1 - mt) * e1) * np.exp(-r2s * te)
-    )
+    return b1 * pd * np.sin(flip) * (1 - mt) * (1 - e1) / (1 - np.cos(flip) * (1 - mt) * e1) * np.exp(-r2s * te)
 
 
 def np_flair(pd, r1, r2, tr, te, ti, b1=1.0):
@@ -64,9 +62,7 @@ def test_fse_hand_values():
     assert float(physics.fse(t(0.8), t(1.0), t(10.0), tr=1.0, te=0.1)) == pytest.approx(0.18603533, rel=1e-7)
     # CSF-like at TR 5 s, TE 0.1 s, B1 0.9: 0.9 * 1 * (1 - e^-1.35) * e^-0.06
     expected = 0.9 * (1 - math.exp(-1.35)) * math.exp(-0.06)
-    assert float(physics.fse(t(1.0), t(0.27), t(0.6), tr=5.0, te=0.1, b1=0.9)) == pytest.approx(
-        expected, 1e-9
-    )
+    assert float(physics.fse(t(1.0), t(0.27), t(0.6), tr=5.0, te=0.1, b1=0.9)) == pytest.approx(expected, 1e-9)
 
 
 def test_gre_hand_values():
@@ -252,9 +248,7 @@ def test_gradcheck_all_equations():
 
     pd, r1, r2, mt = leaf(0.1, 1.0), leaf(0.2, 2.0), leaf(1.0, 30.0), leaf(0.0, 0.05)
     tr, te, flip = leaf(0.01, 3.0), leaf(0.0, 0.1), leaf(0.1, 1.2)
-    assert torch.autograd.gradcheck(
-        lambda *a: physics.fse(a[0], a[1], a[2], tr=a[3], te=a[4]), (pd, r1, r2, tr, te)
-    )
+    assert torch.autograd.gradcheck(lambda *a: physics.fse(a[0], a[1], a[2], tr=a[3], te=a[4]), (pd, r1, r2, tr, te))
     assert torch.autograd.gradcheck(
         lambda *a: physics.gre(a[0], a[1], a[2], a[3], tr=a[4], te=a[5], flip=a[6]),
         (pd, r1, r2, mt, tr, te, flip),
