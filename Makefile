@@ -1,5 +1,5 @@
 # Every target creates/refreshes .venv and installs the project before running.
-#   make demo   synthesise the embedded data set (with a preview montage)
+#   make demo   CPU-size SeqInv pretraining on the embedded synthetic data, then its sequence-invariance check
 #   make test   lint + the whole test suite (what CI runs)
 #   make bench  benchmarks (ratios against a baseline measured in the same run)
 PYTHON ?= python3
@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # venv is then created with --system-site-packages and sees it.
 TORCH_CPU_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-DEMO_OUT ?= data/synthetic
+DEMO_OUT := data/synthetic
 
 .PHONY: install demo test lint bench clean
 
@@ -33,8 +33,14 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
+PRETRAIN := bundles/seqinv_pretrain/configs
 demo: install
-	$(BIN)/seqinv synth --out $(DEMO_OUT) --subjects 4 --seed 0 --preview
+	$(BIN)/python -m monai.bundle run training \
+		--config_file "['$(PRETRAIN)/train.yaml','$(PRETRAIN)/cpu_small.yaml']"
+	$(BIN)/python -m monai.bundle run evaluating \
+		--config_file "['$(PRETRAIN)/train.yaml','$(PRETRAIN)/cpu_small.yaml','$(PRETRAIN)/evaluate.yaml']"
+	@echo "encoder weights: bundles/seqinv_pretrain/models/model.pt (encoder-only state dict)"
+	@echo "synthetic data and its preview: $(DEMO_OUT)/ (seqinv synth --out $(DEMO_OUT) --preview to redraw)"
 
 lint: install
 	$(BIN)/ruff check custom tests benchmarks
