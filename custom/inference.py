@@ -1,0 +1,441 @@
+"""Inference on a user's own NIfTI scans, with every output written on the input's own voxel grid.
+
+Shared by the segmentation bundles (tissues, lesions) and the denoising bundle; their ``inference.yaml`` build a
+:class:`NiftiPredictor` (the bundle's ``evaluator``), give it the files from :func:`collect_inputs` and end with
+:func:`finish`, so ``python -m monai.bundle run`` exits with status 1 when a file failed.
+
+Per file, :meth:`NiftiPredictor.predict_file`:
+
+1. :func:`validate_nifti` checks the file (exists, a readable NIfTI, one 3D volume, not constant, finite) and
+   raises :class:`~custom.errors.InputError` naming the file otherwise;
+2. the bundle's preprocessing (:func:`custom.preprocess.image_preprocessing`: RAS, ``pixdim`` spacing,
+   intensity normalisation) prepares the network input;
+3. the network runs through the inferer (e.g. ``SlidingWindowInferer``) under ``torch.no_grad`` on ``device``
+   (autocast when ``amp`` and the device is CUDA);
+4. the output goes back to the input's grid: MONAI ``SpatialResample`` resamples it from the preprocessed grid
+   (its MetaTensor affine) to the input's affine and shape, linearly. Segmentation resamples the class
+   probabilities (softmax; sigmoid for a single channel) and takes the argmax on the input grid, so labels are
+   never interpolated; regression resamples the values, after undoing the intensity normalisation when
+   ``restore_intensity`` (the ``offset``/``scale`` that the normalisation recorded in the image's metadata,
+   see :mod:`custom.preprocess`);
+5. ``<output_dir>/<input stem>_<postfix>.nii.gz`` (and, if asked, the probabilities as a 4D
+   ``<stem>_prob.nii.gz``, shape ``(X, Y, Z, C)``) is written atomically with the input's affine and a copy of
+   its header, so it overlays the input exactly whatever its orientation (RAS, LPS, oblique) or voxel size.
+
+:meth:`NiftiPredictor.run` does this for each file, printing one line per file; a failing file is reported and
+the others still run. It returns a :class:`Summary` (``exit_code`` 0 or 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn as nn
+from monai.data import MetaTensor
+from monai.inferers import SimpleInferer
+from monai.transforms import Compose, SpatialResample
+from monai.utils import ensure_tuple
+
+from custom.errors import InputError
+from custom.io import atomic_write
+from custom.preprocess import image_preprocessing, intensity_map, restore_intensity
+
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "TASKS",
+    "NiftiPredictor",
+    "Summary",
+    "collect_inputs",
+    "finish",
+    "nifti_stem",
+    "validate_nifti",
+]
+
+#: File name endings accepted as NIfTI (case-insensitive).
+NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
+#: Output kinds of :class:`NiftiPredictor`.
+TASKS: tuple[str, ...] = ("segmentation", "regression")
+
+PathLike = str | Path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------------------------
+def nifti_stem(path: PathLike) -> str:
+    """File name without ``.nii.gz`` / ``.nii`` (any other name loses only its last suffix)."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def validate_nifti(path: PathLike) -> nib.Nifti1Image:
+    """Open ``path`` and check that it holds one usable 3D NIfTI volume; return the nibabel image.
+
+    Accepted: ``.nii`` / ``.nii.gz`` files (NIfTI-1 or NIfTI-2) of shape ``(X, Y, Z)`` with every axis longer than
+    one voxel, or ``(X, Y, Z, 1, ...)`` (a 4D/5D file holding one volume; the extra axes are dropped by the
+    preprocessing, and outputs are 3D), with finite, not all equal values and an invertible affine.
+
+    Raises:
+        InputError: naming the file and the problem: missing; not a NIfTI file name; unreadable, corrupt or
+            truncated; not one 3D volume (2D, a single slice, a 4D series); no voxels; all voxels equal (e.g.
+            all zero); NaN or infinite values; a singular or non-finite affine.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        raise InputError(f"{path}: not a NIfTI file (expected a .nii or .nii.gz file name)")
+    try:
+        img = nib.load(str(path))
+    except Exception as err:  # nibabel raises ImageFileError, OSError, gzip/zlib errors, EOFError...
+        raise InputError(f"{path}: cannot read it as NIfTI ({type(err).__name__}: {err})") from err
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{path}: not a single-file NIfTI image (nibabel read it as {type(img).__name__})")
+
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) < 3:
+        raise InputError(f"{path}: expected a 3D image, got a {len(shape)}D image of shape {shape}")
+    if any(s == 0 for s in shape):
+        raise InputError(f"{path}: the image has no voxels (shape {shape})")
+    extra = shape[3:]
+    if any(s != 1 for s in extra):
+        volumes = math.prod(extra)
+        raise InputError(
+            f"{path}: expected one 3D volume, got shape {shape} ({len(shape)}D, {volumes} volumes); "
+            "split the series and give one volume per file"
+        )
+    if any(s == 1 for s in shape[:3]):
+        raise InputError(f"{path}: expected a 3D volume, got a single slice (shape {shape}); 2D is not supported")
+
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(f"{path}: the image's affine (voxel-to-world matrix) is not invertible:\n{affine}")
+
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # truncated / corrupt data block
+        raise InputError(f"{path}: cannot read the image data; the file may be truncated or corrupt ({err})") from err
+    if np.issubdtype(data.dtype, np.complexfloating) or data.dtype.fields is not None:
+        raise InputError(f"{path}: unsupported voxel type {data.dtype}; expected real scalar values")
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        bad = int(data.size - np.isfinite(data).sum())
+        raise InputError(f"{path}: {bad} voxel(s) are NaN or infinite")
+    low, high = data.min(), data.max()
+    if low == high:
+        raise InputError(f"{path}: the image is empty: every voxel equals {low.item()}")
+    return img
+
+
+def collect_inputs(
+    image: PathLike | Sequence[PathLike] | None = None,
+    dataset_dir: PathLike | None = None,
+    patterns: str | Sequence[str] = ("*.nii", "*.nii.gz"),
+) -> list[Path]:
+    """The input files: ``image`` (one path or a list), or the files of folder ``dataset_dir`` matching ``patterns``.
+
+    Give exactly one of ``image`` and ``dataset_dir``. A folder is searched non-recursively; hidden files
+    (names starting with ``.``, e.g. macOS ``._*`` companions or unfinished atomic writes) are skipped; the
+    result is sorted by name and has no duplicates. The files themselves are checked later, one by one, by
+    :func:`validate_nifti`.
+
+    Raises:
+        InputError: both or neither given; an ``image`` that does not exist; a folder that does not exist, is
+            not a folder, or holds no matching file.
+    """
+    if (image is None) == (dataset_dir is None):
+        raise InputError("give exactly one of --image (a NIfTI file) and --dataset_dir (a folder of NIfTI files)")
+    if image is not None:
+        files = [Path(p).expanduser() for p in ensure_tuple(image)]
+        if not files:
+            raise InputError("--image: no file given")
+        missing = [str(p) for p in files if not p.is_file()]
+        if missing:
+            raise InputError(f"--image: file not found: {', '.join(missing)}")
+        return files
+    folder = Path(dataset_dir).expanduser()  # type: ignore[arg-type]
+    if not folder.exists():
+        raise InputError(f"--dataset_dir: folder not found: {folder}")
+    if not folder.is_dir():
+        raise InputError(f"--dataset_dir: not a folder: {folder}")
+    pats = ensure_tuple(patterns)
+    found = {p for pat in pats for p in folder.glob(str(pat)) if p.is_file() and not p.name.startswith(".")}
+    if not found:
+        raise InputError(f"--dataset_dir: no file in {folder} matches {', '.join(map(str, pats))}")
+    return sorted(found, key=lambda p: p.name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run summary
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Summary:
+    """Outcome of :meth:`NiftiPredictor.run`: per-file results of the files that worked, and the failures."""
+
+    ok: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        """Number of files processed (successes and failures)."""
+        return len(self.ok) + len(self.failures)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every file worked, 1 when any failed."""
+        return 1 if self.failures else 0
+
+    def report(self) -> str:
+        """Multi-line text: counts, then one line per failure."""
+        lines = [f"done: {len(self.ok)}/{self.total} file(s) ok, {len(self.failures)} failed"]
+        lines += [f"  FAILED {path}: {message}" for path, message in self.failures]
+        return "\n".join(lines)
+
+
+def finish(summary: Summary) -> Summary:
+    """End of an inference config: raise ``SystemExit(1)`` when any file failed, else return ``summary``.
+
+    ``SystemExit`` is not an ``Exception``, so MONAI's config parser does not wrap it and
+    ``python -m monai.bundle run`` exits with status 1.
+    """
+    if summary.exit_code:
+        raise SystemExit(1)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Predictor
+# ---------------------------------------------------------------------------------------------------------------
+def _first_tensor(out: Any) -> torch.Tensor:
+    """The network output tensor (the first of a tuple/list, e.g. deep supervision)."""
+    while isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the network returned {type(out).__name__}; expected a tensor (B, C, *spatial)")
+    return out
+
+
+class NiftiPredictor:
+    """Predict on NIfTI files and write the results on each input's own grid (a bundle's inference ``evaluator``).
+
+    Args:
+        network: ``(B, C_in, *S) -> (B, C, *S)`` (logits for segmentation, values for regression); it is moved to
+            ``device`` and put in eval mode.
+        inferer: a MONAI inferer called as ``inferer(inputs, network)``, e.g. ``SlidingWindowInferer`` (which also
+            pads images whose size the network cannot take); ``None``: ``SimpleInferer``.
+        preprocessing: a ``Compose`` from :func:`custom.preprocess.image_preprocessing` (reads ``{"image": path}``,
+            returns ``"image"`` as a MetaTensor with its affine); ``None``: ``image_preprocessing()``.
+        output_dir: folder for the outputs (created when needed).
+        task: ``"segmentation"`` (writes argmax labels) or ``"regression"`` (writes the values, e.g. denoising).
+        output_postfix: output name is ``<input stem>_<output_postfix>.nii.gz``.
+        save_probabilities: segmentation only: also write the class probabilities on the input grid as
+            ``<stem>_prob.nii.gz`` (float32, shape ``(X, Y, Z, C)``).
+        device: torch device (or its name) to run the network on.
+        amp: autocast (float16) on CUDA devices; ignored on CPU.
+        num_classes: segmentation: expected number of classes; a network output with another number of channels
+            is an error (a single-channel output is binary, sigmoid: 2 classes). ``None``: not checked.
+        restore_intensity: regression only: undo the preprocessing's intensity normalisation, so the output is
+            in the input's intensity scale (``y * scale + offset`` with the map recorded in the image's meta).
+        label_dtype: voxel type of written label maps (numpy dtype or its name).
+        residual: regression only: the network predicts a residual to subtract from its (normalised) input, e.g.
+            the noise of a denoiser: the output is ``input - network(input)`` (then restored when asked).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        inferer: Callable[..., Any] | None = None,
+        preprocessing: Compose | None = None,
+        output_dir: PathLike = "output",
+        task: str = "segmentation",
+        output_postfix: str = "seg",
+        save_probabilities: bool = False,
+        device: str | torch.device = "cpu",
+        amp: bool = False,
+        num_classes: int | None = None,
+        restore_intensity: bool = False,
+        label_dtype: Any = np.uint8,
+        residual: bool = False,
+    ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"unknown task={task!r}; choose one of {list(TASKS)}")
+        if save_probabilities and task != "segmentation":
+            raise ValueError("save_probabilities applies to task='segmentation' only")
+        if (restore_intensity or residual) and task != "regression":
+            raise ValueError("restore_intensity and residual apply to task='regression' only")
+        self.device = torch.device(device)
+        self.network = network.to(self.device)
+        self.inferer = inferer if inferer is not None else SimpleInferer()
+        self.preprocessing = preprocessing if preprocessing is not None else image_preprocessing()
+        self.output_dir = Path(output_dir).expanduser()
+        self.task = task
+        self.output_postfix = str(output_postfix)
+        self.save_probabilities = bool(save_probabilities)
+        self.amp = bool(amp)
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.restore_intensity = bool(restore_intensity)
+        self.residual = bool(residual)
+        self.label_dtype = np.dtype(label_dtype)
+
+    # -- paths ---------------------------------------------------------------------------------------------------
+    def output_path(self, path: PathLike) -> Path:
+        """Where the prediction for ``path`` is written."""
+        return self.output_dir / f"{nifti_stem(path)}_{self.output_postfix}.nii.gz"
+
+    def probabilities_path(self, path: PathLike) -> Path:
+        """Where the probabilities for ``path`` are written (when ``save_probabilities``)."""
+        return self.output_dir / f"{nifti_stem(path)}_prob.nii.gz"
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+    def _infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Network output ``(1, C, *S)`` (float32) for the preprocessed image ``x`` ``(1, C_in, *S)``."""
+        autocast = (
+            torch.autocast(device_type="cuda", dtype=torch.float16)
+            if self.amp and self.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
+        self.network.eval()
+        with torch.no_grad(), autocast:
+            out = _first_tensor(self.inferer(x, self.network))
+        out = out.float()
+        if isinstance(out, MetaTensor):
+            out = out.as_tensor()
+        if out.ndim != x.ndim or out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:]:
+            raise RuntimeError(
+                f"network output shape {tuple(out.shape)} does not match its input {tuple(x.shape)} "
+                "(batch and spatial sizes must agree; a SlidingWindowInferer pads sizes the network cannot take)"
+            )
+        return out
+
+    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``(C, *S)`` from logits ``(C, *S)``."""
+        channels = logits.shape[0]
+        if (
+            self.num_classes is not None
+            and channels != self.num_classes
+            and not (channels == 1 and self.num_classes == 2)
+        ):
+            raise RuntimeError(f"the network outputs {channels} channels, expected num_classes={self.num_classes}")
+        if channels == 1:
+            p = torch.sigmoid(logits)
+            return torch.cat([1.0 - p, p], dim=0)
+        return torch.softmax(logits, dim=0)
+
+    @staticmethod
+    def _to_input_grid(values: torch.Tensor, src_affine: torch.Tensor, img: nib.Nifti1Image) -> np.ndarray:
+        """Resample ``values`` ``(C, *S)`` from the preprocessed grid to the input image's grid: ``(C, X, Y, Z)``."""
+        src = MetaTensor(values, affine=src_affine.to(torch.float64))
+        dst_affine = torch.as_tensor(np.asarray(img.affine, dtype=np.float64))
+        resample = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)
+        out = resample(src, dst_affine=dst_affine, spatial_size=tuple(int(s) for s in img.shape[:3]))
+        out = out.as_tensor() if isinstance(out, MetaTensor) else out
+        return out.detach().cpu().float().numpy()
+
+    @staticmethod
+    def _save(data: np.ndarray, img: nib.Nifti1Image, target: Path, dtype: np.dtype) -> Path:
+        """Write ``data`` with ``img``'s affine and a copy of its header (voxel type ``dtype``), atomically."""
+        header = img.header.copy()
+        header.set_data_dtype(dtype)
+        header.set_slope_inter(None, None)  # the written values are the stored values
+        header["cal_min"], header["cal_max"] = 0, 0  # display range of the input does not apply
+        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+        out = type(img)(np.asarray(data).astype(dtype, copy=False), img.affine, header)
+        out.header.set_zooms(zooms + (1.0,) * (data.ndim - 3))  # (X, Y, Z, C): unit step along the classes
+        return atomic_write(lambda tmp: nib.save(out, str(tmp)), target)
+
+    def predict_file(self, path: PathLike) -> dict[str, Any]:
+        """Validate, preprocess, predict, resample to the input grid and write one file.
+
+        Returns:
+            ``{"input", "output", "probabilities" (path or None), "shape", "seconds"}`` and, for segmentation,
+            ``"voxels"`` and ``"volume_ml"`` per class label; for regression ``"min"``, ``"max"``, ``"mean"``.
+
+        Raises:
+            InputError: the file is not a usable 3D NIfTI (see :func:`validate_nifti`).
+        """
+        start = time.perf_counter()
+        path = Path(path)
+        img = validate_nifti(path)
+        data = self.preprocessing({"image": str(path)})
+        image = data["image"]
+        if not isinstance(image, MetaTensor):
+            raise TypeError("the preprocessing must return 'image' as a MetaTensor (metadata tracking on)")
+        x = image.as_tensor()[None].to(self.device)
+        out = self._infer(x)[0]
+        result: dict[str, Any] = {"input": path, "output": self.output_path(path), "probabilities": None}
+
+        shape = tuple(int(s) for s in img.shape[:3])
+        if self.task == "segmentation":
+            probs = self._to_input_grid(self._probabilities(out), image.affine, img)
+            labels = probs.argmax(axis=0)
+            self._save(labels, img, result["output"], self.label_dtype)
+            if self.save_probabilities:
+                result["probabilities"] = self._save(
+                    np.moveaxis(probs, 0, -1), img, self.probabilities_path(path), np.dtype(np.float32)
+                )
+            voxel_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
+            counts = np.bincount(labels.reshape(-1), minlength=probs.shape[0])
+            result["voxels"] = {int(k): int(c) for k, c in enumerate(counts)}
+            result["volume_ml"] = {int(k): float(c) * voxel_ml for k, c in enumerate(counts)}
+        else:
+            if self.residual:
+                out = x[0].float() - out
+            if self.restore_intensity:
+                out = restore_intensity(out, *intensity_map(image))
+            values = self._to_input_grid(out, image.affine, img)
+            if values.shape[0] != 1:
+                values = np.moveaxis(values, 0, -1)  # several output channels: (X, Y, Z, C)
+            else:
+                values = values[0]
+            self._save(values, img, result["output"], np.dtype(np.float32))
+            result.update(min=float(values.min()), max=float(values.max()), mean=float(values.mean()))
+        result["shape"] = shape
+        result["seconds"] = time.perf_counter() - start
+        return result
+
+    def run(self, paths: PathLike | Iterable[PathLike]) -> Summary:
+        """Predict every file in ``paths``; a failing file is reported and skipped, the others still run.
+
+        Prints ``[i/n] name: ok -> output (x.x s)`` or ``[i/n] name: FAILED: message`` per file, then the
+        :meth:`Summary.report`. Two inputs that would write the same output (``a.nii`` and ``a.nii.gz``) fail
+        the second rather than overwrite the first.
+
+        Raises:
+            InputError: ``paths`` is empty.
+        """
+        files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+        if not files:
+            raise InputError("no input images to process")
+        summary = Summary()
+        written: dict[Path, Path] = {}
+        n = len(files)
+        for i, path in enumerate(files, start=1):
+            start = time.perf_counter()
+            try:
+                target = self.output_path(path)
+                if target in written:
+                    raise InputError(f"{path}: its output {target} would overwrite that of {written[target]}")
+                result = self.predict_file(path)
+                written[target] = path
+            except Exception as err:  # one bad file must not stop the others; KeyboardInterrupt still does
+                message = str(err) if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
+                summary.failures.append((path, message))
+                print(f"[{i}/{n}] {path.name}: FAILED: {message}", flush=True)
+                continue
+            summary.ok.append(result)
+            print(f"[{i}/{n}] {path.name}: ok -> {result['output']} ({time.perf_counter() - start:.1f} s)", flush=True)
+        print(summary.report(), flush=True)
+        return summary
