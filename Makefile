@@ -50,6 +50,7 @@ test: install lint
 
 bench: install
 	$(BIN)/python benchmarks/simulate.py
+	$(BIN)/python benchmarks/pretrain.py --rounds 3
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

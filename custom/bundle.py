@@ -50,3 +50,41 @@ def repeat_to_length(items: Sequence[object], length: int) -> list[object]:
         raise ValueError("cannot repeat an empty list of items")
     reps = -(-int(length) // len(items))
     return (list(items) * reps)[: int(length)]
+
+
+RANDOM_ENCODER = "random"
+AUTO_ENCODER = "auto"
+
+
+def resolve_encoder(spec: str | None, default_bundle: str | Path) -> str | None:
+    """The encoder weights a downstream bundle loads (``--pretrained_encoder``).
+
+    Args:
+        spec: a weights file (``model.pt``, checkpoint), a ``seqinv_pretrain`` bundle folder, ``"random"`` for a
+            randomly initialised encoder (the "no pretraining" control), or ``"auto"``: ``default_bundle``'s
+            ``models/model.pt`` when it exists, else a random encoder with a warning saying so.
+        default_bundle: the pretraining bundle used by ``"auto"``.
+
+    Returns:
+        a path for :func:`custom.networks.load_encoder_weights`, or ``None`` for random initialisation.
+    """
+    from custom.errors import InputError
+
+    if spec is None or str(spec).lower() == RANDOM_ENCODER:
+        print("encoder: randomly initialised (the no-pretraining control)")
+        return None
+    if str(spec).lower() == AUTO_ENCODER:
+        weights = Path(default_bundle) / "models" / "model.pt"
+        if weights.is_file():
+            print(f"encoder: pretrained weights from {weights}")
+            return str(weights)
+        print(
+            f"WARNING: no pretrained encoder at {weights}; using a RANDOMLY INITIALISED encoder. Train "
+            "bundles/seqinv_pretrain first or pass --pretrained_encoder <model.pt | bundle folder | random>."
+        )
+        return None
+    path = Path(str(spec))
+    if not path.exists():
+        raise InputError(f"--pretrained_encoder {path}: no such file or bundle folder")
+    print(f"encoder: pretrained weights from {path}")
+    return str(path)

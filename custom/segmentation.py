@@ -1,0 +1,220 @@
+"""Shared definitions of the frozen-encoder downstream bundles (tissue / lesion segmentation, denoising).
+
+Training, evaluation and inference configs build their network, preprocessing and sliding-window inferer here,
+from one :class:`DownstreamSettings` record. Training writes that record next to the weights
+(``models/model.json`` beside ``models/model.pt``), so evaluation and inference rebuild exactly the trained
+network and preprocessing (paper-size or CPU-size) without repeating hyper-parameters in every config.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import (
+    Compose,
+    RandAdjustContrastd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropd,
+    SpatialPadd,
+)
+
+from custom.errors import InputError
+from custom.handlers import is_main_process
+from custom.io import atomic_torch_save, atomic_write_text
+from custom.networks import FrozenEncoderUNet
+from custom.preprocess import image_preprocessing
+
+__all__ = [
+    "DownstreamSettings",
+    "build_network",
+    "build_inferer",
+    "build_preprocessing",
+    "train_transforms",
+    "load_trained",
+    "BestModelExport",
+]
+
+
+@dataclass
+class DownstreamSettings:
+    """Everything needed to rebuild a trained downstream network and its preprocessing.
+
+    Attributes:
+        task: ``"segmentation"`` or ``"regression"`` (denoising).
+        out_channels: classes (segmentation) or output channels (regression).
+        encoder_features, decoder_features, dropout: network widths (see :class:`FrozenEncoderUNet`).
+        pixdim: voxel size (mm) images are resampled to, in RAS orientation.
+        patch_size: training patch and sliding-window size (voxels).
+        normalize: intensity normalisation (``percentile`` or ``zscore``, see :mod:`custom.preprocess`).
+        class_names: names of the classes (segmentation).
+    """
+
+    task: str = "segmentation"
+    out_channels: int = 4
+    encoder_features: Sequence[int] = (64, 128, 256, 512, 768)
+    decoder_features: Sequence[int] = (768, 512, 256, 128, 64, 32)
+    dropout: float = 0.2
+    pixdim: Sequence[float] = (1.0, 1.0, 1.0)
+    patch_size: Sequence[int] = (96, 96, 96)
+    normalize: str = "percentile"
+    class_names: Sequence[str] = field(default_factory=lambda: ("background", "GM", "WM", "CSF"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> DownstreamSettings:
+        known = {k: v for k, v in record.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def build_network(settings: DownstreamSettings, pretrained_encoder: str | None = None) -> FrozenEncoderUNet:
+    """The frozen-encoder U-Net of ``settings``; ``pretrained_encoder`` None means a random encoder."""
+    network = FrozenEncoderUNet(
+        in_channels=1,
+        out_channels=int(settings.out_channels),
+        encoder_features=tuple(settings.encoder_features),
+        decoder_features=tuple(settings.decoder_features),
+        dropout=float(settings.dropout),
+        pretrained_encoder=pretrained_encoder,
+        freeze_encoder=True,
+    )
+    if pretrained_encoder is not None:
+        print(f"encoder: copied {network.loaded_encoder_tensors} tensors from {pretrained_encoder}; frozen")
+    return network
+
+
+def build_preprocessing(settings: DownstreamSettings, label_keys: Sequence[str] = ()) -> Compose:
+    """Load, RAS-orient, resample to ``settings.pixdim`` and normalise (the same for training and inference)."""
+    return image_preprocessing(
+        keys=("image",), label_keys=tuple(label_keys), pixdim=tuple(settings.pixdim), normalize=settings.normalize
+    )
+
+
+def build_inferer(settings: DownstreamSettings, overlap: float = 0.5, sw_batch_size: int = 2) -> SlidingWindowInferer:
+    """Sliding-window inference over ``settings.patch_size`` windows, Gaussian-weighted blending."""
+    return SlidingWindowInferer(
+        roi_size=tuple(settings.patch_size), sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian"
+    )
+
+
+def train_transforms(
+    settings: DownstreamSettings,
+    label_key: str | None = "label",
+    samples_per_image: int = 2,
+    pos_fraction: float = 0.5,
+    rotate_deg: float = 15.0,
+    scale: float = 0.1,
+) -> Compose:
+    """Preprocessing + patch sampling + affine and intensity augmentation for training.
+
+    Patches of ``settings.patch_size`` are drawn ``samples_per_image`` times per image; with a label, a share
+    ``pos_fraction`` of them is centred on foreground (label > 0) voxels. Affine: rotation up to ``rotate_deg``
+    degrees per axis and scaling up to ``scale``; intensity: scale/shift, gamma, Gaussian noise.
+    """
+    label_keys = (label_key,) if label_key else ()
+    keys = ("image", *label_keys)
+    size = tuple(int(s) for s in settings.patch_size)
+    steps: list[Any] = [build_preprocessing(settings, label_keys), SpatialPadd(keys, spatial_size=size)]
+    if label_key:
+        ratio_pos = max(pos_fraction, 1e-3)
+        steps.append(
+            RandCropByPosNegLabeld(
+                keys,
+                label_key=label_key,
+                spatial_size=size,
+                pos=ratio_pos,
+                neg=max(1.0 - pos_fraction, 1e-3),
+                num_samples=samples_per_image,
+                image_key="image",
+                image_threshold=-1e9,
+            )
+        )
+    else:
+        steps.append(RandSpatialCropd(keys, roi_size=size, random_size=False))
+    rad = float(torch.pi) * rotate_deg / 180.0
+    steps += [
+        RandAffined(
+            keys,
+            prob=0.5,
+            rotate_range=(rad, rad, rad),
+            scale_range=(scale, scale, scale),
+            mode=("bilinear", *("nearest" for _ in label_keys)),
+            padding_mode="zeros",
+        ),
+        RandScaleIntensityd("image", factors=0.1, prob=0.5),
+        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
+        RandGaussianNoised("image", std=0.05, prob=0.2),
+    ]
+    return Compose(steps)
+
+
+def settings_path(weights: str | Path) -> Path:
+    """``models/model.json`` beside ``models/model.pt``."""
+    return Path(weights).with_suffix(".json")
+
+
+def load_trained(
+    weights: str | Path, device: str | torch.device = "cpu"
+) -> tuple[FrozenEncoderUNet, DownstreamSettings]:
+    """Rebuild a trained downstream network from ``model.pt`` and its ``model.json`` settings."""
+    weights = Path(weights)
+    meta = settings_path(weights)
+    if not weights.is_file():
+        raise InputError(f"{weights}: no trained weights; train the bundle first (or pass --model <model.pt>)")
+    if not meta.is_file():
+        raise InputError(f"{meta}: settings of the trained model are missing (written by training beside {weights})")
+    settings = DownstreamSettings.from_dict(json.loads(meta.read_text()))
+    network = build_network(settings, pretrained_encoder=None)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as err:
+        raise InputError(f"{weights}: weights do not match the settings in {meta} ({err})") from err
+    return network.to(device).eval(), settings
+
+
+class BestModelExport:
+    """Save the whole network (frozen encoder included) and its settings when the validation metric improves.
+
+    Attach to the validation evaluator; writes ``path`` (state dict) and ``path`` with ``.json`` (settings plus
+    the metric and epoch) atomically, rank 0 only.
+    """
+
+    def __init__(
+        self, network: torch.nn.Module, settings: DownstreamSettings, path: str | Path, metric_name: str
+    ) -> None:
+        self.network = network
+        self.settings = settings
+        self.path = Path(path)
+        self.metric_name = metric_name
+        self.best = -float("inf")
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        value = float(engine.state.metrics.get(self.metric_name, float("nan")))
+        if not is_main_process() or not value > self.best:
+            return
+        self.best = value
+        net = self.network.module if hasattr(self.network, "module") else self.network
+        atomic_torch_save({k: v.detach().cpu() for k, v in net.state_dict().items()}, self.path)
+        record = {**self.settings.to_dict(), "best_metric": {self.metric_name: value}}
+        trainer = getattr(engine.state, "trainer_epoch", None)
+        if trainer is not None:
+            record["epoch"] = trainer
+        atomic_write_text(json.dumps(record, indent=2), settings_path(self.path))
+        print(f"best {self.metric_name} {value:.4f}: saved {self.path}")
