@@ -24,7 +24,7 @@ from monai.utils.enums import CommonKeys as Keys
 
 from custom.losses import similarity_stats
 
-__all__ = ["PretrainingTrainer", "poly_lr_scheduler", "scalars_to_log"]
+__all__ = ["GradientClipping", "PretrainingTrainer", "poly_lr_scheduler", "scalars_to_log"]
 
 
 def poly_lr_scheduler(optimizer: torch.optim.Optimizer, max_epochs: int, power: float = 0.9):
@@ -128,3 +128,25 @@ def scalars_to_log(output: dict) -> dict[str, float]:
             continue
         scalars[key] = float(value.item() if isinstance(value, torch.Tensor) else value)
     return scalars
+
+
+class GradientClipping:
+    """Clip the global gradient norm of a MONAI trainer's optimizer parameters after every backward pass.
+
+    Attached to ``IterationEvents.BACKWARD_COMPLETED`` of a ``SupervisedTrainer``; with AMP the gradients are
+    unscaled first (``GradScaler.unscale_``), so the threshold applies to the true gradients.
+    """
+
+    def __init__(self, max_norm: float = 12.0) -> None:
+        self.max_norm = float(max_norm)
+
+    def attach(self, engine: SupervisedTrainer) -> None:
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine: SupervisedTrainer) -> None:
+        if self.max_norm <= 0:
+            return
+        if engine.amp and engine.scaler is not None:
+            engine.scaler.unscale_(engine.optimizer)
+        params = [p for group in engine.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, self.max_norm)

@@ -102,7 +102,7 @@ def build_preprocessing(settings: DownstreamSettings, label_keys: Sequence[str] 
     )
 
 
-def build_inferer(settings: DownstreamSettings, overlap: float = 0.5, sw_batch_size: int = 2) -> SlidingWindowInferer:
+def build_inferer(settings: DownstreamSettings, overlap: float = 0.25, sw_batch_size: int = 4) -> SlidingWindowInferer:
     """Sliding-window inference over ``settings.patch_size`` windows, Gaussian-weighted blending."""
     return SlidingWindowInferer(
         roi_size=tuple(settings.patch_size), sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian"
