@@ -104,7 +104,7 @@ def qmri_datalist(
     val_fraction: float = 0.1,
     seed: int = 0,
     synthesize_if_missing: bool | None = None,
-    synthetic_subjects: int = 16,
+    synthetic_subjects: int = 24,
     output_json: str | Path | None = None,
 ) -> dict[str, list[dict[str, str]]]:
     """Build ``{"training": [...], "validation": [...]}`` from a qMRI folder.
