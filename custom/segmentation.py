@@ -26,6 +26,7 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropd,
+    ResampleToMatchd,
     SpatialPadd,
 )
 
@@ -95,11 +96,23 @@ def build_network(settings: DownstreamSettings, pretrained_encoder: str | None =
     return network
 
 
-def build_preprocessing(settings: DownstreamSettings, label_keys: Sequence[str] = ()) -> Compose:
-    """Load, RAS-orient, resample to ``settings.pixdim`` and normalise (the same for training and inference)."""
-    return image_preprocessing(
+def build_preprocessing(
+    settings: DownstreamSettings, label_keys: Sequence[str] = (), labels_to_image_grid: bool = False
+) -> Compose:
+    """Load, RAS-orient, resample to ``settings.pixdim`` and normalise (the same for training and inference).
+
+    ``labels_to_image_grid`` first resamples each label onto its image's voxel grid (nearest neighbour), for
+    data whose masks were drawn on another scan's grid (e.g. ARC lesion masks); without it, image and label must
+    share a grid (checked by :func:`custom.evaluation.check_labelled_items`).
+    """
+    pipeline = image_preprocessing(
         keys=("image",), label_keys=tuple(label_keys), pixdim=tuple(settings.pixdim), normalize=settings.normalize
     )
+    if labels_to_image_grid and label_keys:
+        steps = list(pipeline.transforms)
+        steps.insert(1, ResampleToMatchd(keys=list(label_keys), key_dst="image", mode="nearest"))
+        pipeline = Compose(steps)
+    return pipeline
 
 
 def build_inferer(settings: DownstreamSettings, overlap: float = 0.25, sw_batch_size: int = 4) -> SlidingWindowInferer:
@@ -116,6 +129,7 @@ def train_transforms(
     pos_fraction: float = 0.5,
     rotate_deg: float = 15.0,
     scale: float = 0.1,
+    labels_to_image_grid: bool = False,
 ) -> Compose:
     """Preprocessing + patch sampling + affine and intensity augmentation for training.
 
@@ -126,7 +140,10 @@ def train_transforms(
     label_keys = (label_key,) if label_key else ()
     keys = ("image", *label_keys)
     size = tuple(int(s) for s in settings.patch_size)
-    steps: list[Any] = [build_preprocessing(settings, label_keys), SpatialPadd(keys, spatial_size=size)]
+    steps: list[Any] = [
+        build_preprocessing(settings, label_keys, labels_to_image_grid),
+        SpatialPadd(keys, spatial_size=size),
+    ]
     if label_key:
         ratio_pos = max(pos_fraction, 1e-3)
         steps.append(
