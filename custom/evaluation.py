@@ -90,9 +90,10 @@ def volume_agreement(rows: Sequence[Mapping[str, Any]], name: str) -> str:
     ref = np.array([float(r[f"volume_ml_ref_{name}"]) for r in rows])
     diff = pred - ref
     corr = float(np.corrcoef(pred, ref)[0, 1]) if len(rows) > 1 and pred.std() > 0 and ref.std() > 0 else float("nan")
+    corr_text = f"{corr:.3f}" if np.isfinite(corr) else "n/a (constant volumes)"
     return (
         f"{name} volume (mL), predicted vs reference over {len(rows)} subjects: bias {diff.mean():+.2f}, "
-        f"mean |difference| {np.abs(diff).mean():.2f}, Pearson r {corr:.3f}"
+        f"mean |difference| {np.abs(diff).mean():.2f}, Pearson r {corr_text}"
     )
 
 
