@@ -1,0 +1,162 @@
+"""End-to-end tests of bundles/arc_lesion_seg through monai.bundle (tiny sizes, CPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from custom.networks import Encoder
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "arc_lesion_seg"
+CONFIGS = BUNDLE / "configs"
+TINY = {
+    "pixdim": [6.0, 6.0, 6.0],
+    "patch_size": [32, 32, 32],
+    "encoder_features": [4, 8, 8, 16, 16],
+    "decoder_features": [16, 16, 8, 8, 4, 4],
+    "batch_size": 1,
+    "samples_per_image": 1,
+    "num_workers": 0,
+    "max_epochs": 2,
+    "val_interval": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    from custom.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("synthetic_arc")
+    generate_dataset(root, subjects=9, seed=0, resolution=6.0, preview=False, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def encoder_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("encoder") / "encoder.pt"
+    torch.save(Encoder(features=TINY["encoder_features"]).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic, encoder_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("arc_run")
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "train.yaml"),
+        workflow_type="train",
+        run_id="training",
+        bundle_root=str(BUNDLE),
+        dataset_dir=str(synthetic / "arc"),
+        output_dir=str(out),
+        model_path=str(out / "model.pt"),
+        pretrained_encoder=str(encoder_file),
+        **TINY,
+    )
+    workflow.initialize()
+    assert workflow.check_properties() in (None, [])
+    workflow.run()
+    return out
+
+
+def test_training_writes_model_and_settings(trained):
+    assert (trained / "model.pt").is_file() and (trained / "model.json").is_file()
+    assert (trained / "checkpoints" / "checkpoint.pt").is_file()
+
+
+def test_encoder_weights_never_change(trained, encoder_file):
+    original = torch.load(encoder_file, weights_only=True)
+    saved = torch.load(trained / "model.pt", weights_only=True)
+    encoder_keys = [k for k in saved if k.startswith("encoder.")]
+    assert len(encoder_keys) == len(original)
+    for key, value in original.items():
+        assert torch.equal(saved[f"encoder.{key}"], value), f"encoder tensor {key} changed during training"
+    decoder = [k for k in saved if not k.startswith("encoder.")]
+    assert decoder, "no decoder weights saved"
+
+
+def test_evaluation_table_and_lesion_volumes(trained, synthetic):
+    out = trained / "eval"
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "evaluate.yaml"),
+        workflow_type="infer",
+        run_id="evaluating",
+        bundle_root=str(BUNDLE),
+        dataset_dir=str(synthetic / "arc"),
+        model_path=str(trained / "model.pt"),
+        output_dir=str(out),
+    )
+    workflow.initialize()
+    workflow.run()
+    table = (out / "metrics.md").read_text()
+    assert "T1w" in table and "volume (mL)" in table and "nan" not in table.lower()
+    import csv
+
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert rows and all(float(r["volume_ml_ref_lesion"]) > 0 for r in rows)
+
+
+def run_inference(trained: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.yaml"),
+        "--model_path", str(trained / "model.pt"), "--output_dir", str(out), *args,
+    ]  # fmt: skip
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_inference_keeps_input_grid_and_reports_bad_files(trained, synthetic, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    source = sorted((synthetic / "arc").glob("sub-*/ses-*/anat/*_FLAIR.nii.gz"))[0]
+    img = nib.load(str(source))
+    # an LPS, anisotropic copy of the scan (axes flipped, every second slice)
+    data = np.asarray(img.dataobj)[::-1, ::-1, ::2]
+    affine = img.affine @ np.diag([-1.0, -1.0, 2.0, 1.0])
+    affine[:3, 3] = img.affine[:3, :3] @ np.array([data.shape[0] - 1, data.shape[1] - 1, 0]) + img.affine[:3, 3]
+    nib.save(nib.Nifti1Image(data, affine), str(scans / "lps.nii"))
+    (scans / "broken.nii.gz").write_bytes(b"not a nifti")
+    out = tmp_path / "out"
+    done = run_inference(trained, out, "--dataset_dir", str(scans))
+    assert done.returncode != 0, done.stdout[-2000:]
+    assert "broken.nii.gz" in done.stdout + done.stderr and "FAILED" in done.stdout
+    seg = nib.load(str(out / "lps_lesion.nii.gz"))
+    assert seg.shape == data.shape
+    np.testing.assert_allclose(seg.affine, affine, atol=1e-5)
+    assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
+    volumes = (out / "lesion_volumes.csv").read_text().splitlines()
+    assert volumes[0] == "input,output,lesion_volume_ml,lesion_voxels" and len(volumes) == 2
+
+    single = run_inference(trained, tmp_path / "single", "--image", str(source))
+    assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
+    seg = nib.load(str(tmp_path / "single" / source.name.replace(".nii.gz", "_lesion.nii.gz")))
+    assert seg.shape == img.shape
+    np.testing.assert_allclose(seg.affine, img.affine, atol=1e-5)
+
+
+def test_empty_reference_and_prediction_are_reported_not_nan():
+    from custom.evaluation import volume_agreement
+    from custom.metrics import ResultsTable, segmentation_metrics
+
+    empty = np.zeros((8, 8, 8), np.int64)
+    lesion = empty.copy()
+    lesion[2:5, 2:5, 2:5] = 1
+    both_empty = segmentation_metrics(empty, empty, (1.0, 1.0, 1.0), [1], ["lesion"])
+    assert both_empty["dice_lesion"] == 1.0 and np.isnan(both_empty["hd95_lesion"])
+    missed = segmentation_metrics(empty, lesion, (1.0, 1.0, 1.0), [1], ["lesion"])
+    assert missed["dice_lesion"] == 0.0 and np.isnan(missed["hd95_lesion"])
+    found = segmentation_metrics(lesion, lesion, (1.0, 1.0, 1.0), [1], ["lesion"])
+    rows = [
+        {"subject": s, "contrast": "FLAIR", **m, "volume_ml_pred_lesion": 0.0, "volume_ml_ref_lesion": 0.0}
+        for s, m in (("a", both_empty), ("b", missed), ("c", found))
+    ]
+    table = ResultsTable(rows).to_markdown(group_by=("contrast",), metrics=["dice_mean", "hd95_mean"])
+    assert "nan" not in table.lower() and "undefined" in table
+    assert "volume" in volume_agreement(rows, "lesion")
