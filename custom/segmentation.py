@@ -207,16 +207,25 @@ class BestModelExport:
     """Save the whole network (frozen encoder included) and its settings when the validation metric improves.
 
     Attach to the validation evaluator; writes ``path`` (state dict) and ``path`` with ``.json`` (settings plus
-    the metric and epoch) atomically, rank 0 only.
+    the metric and epoch) atomically, rank 0 only. ``mode``: ``max`` when a larger metric is better (Dice),
+    ``min`` when smaller is better (MSE).
     """
 
     def __init__(
-        self, network: torch.nn.Module, settings: DownstreamSettings, path: str | Path, metric_name: str
+        self,
+        network: torch.nn.Module,
+        settings: DownstreamSettings,
+        path: str | Path,
+        metric_name: str,
+        mode: str = "max",
     ) -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
         self.network = network
         self.settings = settings
         self.path = Path(path)
         self.metric_name = metric_name
+        self.sign = 1.0 if mode == "max" else -1.0
         self.best = -float("inf")
 
     def attach(self, engine: Engine) -> None:
@@ -224,9 +233,9 @@ class BestModelExport:
 
     def __call__(self, engine: Engine) -> None:
         value = float(engine.state.metrics.get(self.metric_name, float("nan")))
-        if not is_main_process() or not value > self.best:
+        if not is_main_process() or not self.sign * value > self.best:
             return
-        self.best = value
+        self.best = self.sign * value
         net = self.network.module if hasattr(self.network, "module") else self.network
         atomic_torch_save({k: v.detach().cpu() for k, v in net.state_dict().items()}, self.path)
         record = {**self.settings.to_dict(), "best_metric": {self.metric_name: value}}
