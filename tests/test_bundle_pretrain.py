@@ -182,3 +182,14 @@ def test_patch_larger_than_image_is_padded(qmri_dir, tmp_path):
     # 6 mm synthetic volumes are about 33 x 39 x 32 voxels: a 48^3 patch must be padded, not crash
     run_workflow(**tiny_overrides(qmri_dir, tmp_path, patch_size=[48, 48, 48], iterations_per_epoch=1))
     assert (tmp_path / "model.pt").is_file()
+
+
+def test_paper_config_on_a_small_cpu_stops_with_a_clear_message(monkeypatch):
+    from custom import engines
+    from custom.errors import InputError
+
+    monkeypatch.setattr(engines, "_available_memory_gib", lambda: 24.0)
+    with pytest.raises(InputError, match="cpu_small.yaml"):
+        engines.check_cpu_memory("cpu", 8, [96, 96, 96], [64, 128, 256, 512, 768])
+    engines.check_cpu_memory("cpu", 4, [48, 48, 48], [8, 16, 32, 64, 96])  # the CPU-size config fits
+    engines.check_cpu_memory("cuda", 8, [96, 96, 96], [64, 128, 256, 512, 768])  # not checked on a GPU
