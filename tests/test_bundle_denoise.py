@@ -2,75 +2,40 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
+from bundle_utils import REPO, make_synthetic, run_config, run_inference, train_tiny
 
 from custom.denoise import AddNoised
 
-REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "ixi_denoise"
-CONFIGS = BUNDLE / "configs"
-TINY = {
-    "pixdim": [6.0, 6.0, 6.0],
-    "patch_size": [32, 32, 32],
-    "encoder_features": [4, 8, 8, 16, 16],
-    "decoder_features": [16, 16, 8, 8, 4, 4],
-    "batch_size": 1,
-    "num_workers": 0,
-    "max_epochs": 2,
-    "val_interval": 1,
-    "pretrained_encoder": "random",
-}
 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
-    from custom.data.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("synthetic_denoise")
-    generate_dataset(root, subjects=9, seed=0, resolution=6.0, preview=False, progress=False)
-    return root
+    return make_synthetic(tmp_path_factory, "synthetic_denoise")
 
 
 @pytest.fixture(scope="module")
 def trained(synthetic, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("denoise_run")
-    workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / "train.yaml"),
-        workflow_type="train",
-        run_id="training",
-        bundle_root=str(BUNDLE),
-        dataset_dir=str(synthetic / "ixi"),
-        output_dir=str(out),
-        model_path=str(out / "model.pt"),
-        **TINY,
-    )
-    workflow.initialize()
-    assert workflow.check_properties() in (None, [])
-    workflow.run()
-    return out
+    return train_tiny(BUNDLE, synthetic / "ixi", tmp_path_factory.mktemp("denoise_run"), pretrained_encoder="random")
 
 
 def evaluate(trained: Path, synthetic: Path, out: Path, seed: int = 0) -> str:
-    workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / "evaluate.yaml"),
-        workflow_type="infer",
-        run_id="evaluating",
-        bundle_root=str(BUNDLE),
+    run_config(
+        BUNDLE,
+        "evaluate.yaml",
+        "evaluating",
+        "infer",
         dataset_dir=str(synthetic / "ixi"),
         model_path=str(trained / "model.pt"),
         output_dir=str(out),
         seed=seed,
     )
-    workflow.initialize()
-    workflow.run()
     return (out / "metrics.csv").read_text()
 
 
@@ -100,11 +65,7 @@ def test_training_and_reproducible_evaluation(trained, synthetic, tmp_path):
 
 def test_inference_restores_grid_and_intensity_scale(trained, synthetic, tmp_path):
     source = sorted((synthetic / "ixi" / "IXI-T2").glob("*.nii.gz"))[0]
-    cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.yaml"),
-        "--model_path", str(trained / "model.pt"), "--output_dir", str(tmp_path), "--image", str(source),
-    ]  # fmt: skip
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = run_inference(BUNDLE, trained / "model.pt", tmp_path, "--image", str(source))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     img = nib.load(str(source))
     out = nib.load(str(tmp_path / source.name.replace(".nii.gz", "_denoised.nii.gz")))

@@ -2,41 +2,22 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
+from bundle_utils import REPO, TINY, make_synthetic, run_config, run_inference, train_tiny
 
 from custom.networks import Encoder
 
-REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "ixi_tissue_seg"
-CONFIGS = BUNDLE / "configs"
-TINY = {
-    "pixdim": [6.0, 6.0, 6.0],
-    "patch_size": [32, 32, 32],
-    "encoder_features": [4, 8, 8, 16, 16],
-    "decoder_features": [16, 16, 8, 8, 4, 4],
-    "batch_size": 1,
-    "samples_per_image": 1,
-    "num_workers": 0,
-    "max_epochs": 2,
-    "val_interval": 1,
-}
 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
-    from custom.data.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("synthetic_ixi")
-    generate_dataset(root, subjects=9, seed=0, resolution=6.0, preview=False, progress=False)
-    return root
+    return make_synthetic(tmp_path_factory, "synthetic_ixi")
 
 
 @pytest.fixture(scope="module")
@@ -50,21 +31,7 @@ def encoder_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(synthetic, encoder_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ixi_run")
-    workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / "train.yaml"),
-        workflow_type="train",
-        run_id="training",
-        bundle_root=str(BUNDLE),
-        dataset_dir=str(synthetic / "ixi"),
-        output_dir=str(out),
-        model_path=str(out / "model.pt"),
-        pretrained_encoder=str(encoder_file),
-        **TINY,
-    )
-    workflow.initialize()
-    assert workflow.check_properties() in (None, [])
-    workflow.run()
-    return out
+    return train_tiny(BUNDLE, synthetic / "ixi", out, pretrained_encoder=str(encoder_file))
 
 
 def test_training_writes_model_and_settings(trained):
@@ -85,30 +52,20 @@ def test_encoder_weights_never_change(trained, encoder_file):
 
 def test_evaluation_table_has_every_site(trained, synthetic):
     out = trained / "eval"
-    workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / "evaluate.yaml"),
-        workflow_type="infer",
-        run_id="evaluating",
-        bundle_root=str(BUNDLE),
+    run_config(
+        BUNDLE,
+        "evaluate.yaml",
+        "evaluating",
+        "infer",
         dataset_dir=str(synthetic / "ixi"),
         model_path=str(trained / "model.pt"),
         output_dir=str(out),
     )
-    workflow.initialize()
-    workflow.run()
     table = (out / "metrics.md").read_text()
     for site in ("GST [T1]", "HH [T1]", "IOP [T1]"):
         assert site in table
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("subject") and len(rows) > 3
-
-
-def run_inference(trained: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.yaml"),
-        "--model_path", str(trained / "model.pt"), "--output_dir", str(out), *args,
-    ]  # fmt: skip
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def test_inference_keeps_input_grid_and_reports_bad_files(trained, synthetic, tmp_path):
@@ -123,7 +80,7 @@ def test_inference_keeps_input_grid_and_reports_bad_files(trained, synthetic, tm
     nib.save(nib.Nifti1Image(data, affine), str(scans / "lps.nii"))
     (scans / "broken.nii.gz").write_bytes(b"not a nifti")
     out = tmp_path / "out"
-    done = run_inference(trained, out, "--dataset_dir", str(scans))
+    done = run_inference(BUNDLE, trained / "model.pt", out, "--dataset_dir", str(scans))
     assert done.returncode != 0, done.stdout[-2000:]
     assert "broken.nii.gz" in done.stdout + done.stderr and "FAILED" in done.stdout
     seg = nib.load(str(out / "lps_seg.nii.gz"))
@@ -131,7 +88,7 @@ def test_inference_keeps_input_grid_and_reports_bad_files(trained, synthetic, tm
     np.testing.assert_allclose(seg.affine, affine, atol=1e-5)
     assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2, 3}
 
-    single = run_inference(trained, tmp_path / "single", "--image", str(source))
+    single = run_inference(BUNDLE, trained / "model.pt", tmp_path / "single", "--image", str(source))
     assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
     seg = nib.load(str(tmp_path / "single" / source.name.replace(".nii.gz", "_seg.nii.gz")))
     assert seg.shape == img.shape
