@@ -155,8 +155,9 @@ def test_bad_mode_is_a_clear_error(qmri_dir, tmp_path):
 
 
 def test_missing_dataset_folder_is_a_clear_error(tmp_path):
+    configs = f"['{TRAIN}','{BUNDLE / 'configs' / 'cpu_small.yaml'}']"
     args = [
-        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN,
+        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", configs,
         "--dataset_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out"),
     ]  # fmt: skip
     done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -182,6 +183,22 @@ def test_patch_larger_than_image_is_padded(qmri_dir, tmp_path):
     # 6 mm synthetic volumes are about 33 x 39 x 32 voxels: a 48^3 patch must be padded, not crash
     run_workflow(**tiny_overrides(qmri_dir, tmp_path, patch_size=[48, 48, 48], iterations_per_epoch=1))
     assert (tmp_path / "model.pt").is_file()
+
+
+def test_paper_command_starts_and_reports_memory_clearly(tmp_path):
+    """The paper command with no other argument: on a machine with the memory it trains; on a small CPU machine
+    it stops at once with one clear line (not an out-of-memory kill)."""
+    from custom.engines import _available_memory_gib, estimated_step_memory_gib
+
+    if torch.cuda.is_available() or (_available_memory_gib() or 0) * 0.9 > estimated_step_memory_gib(
+        8, [96, 96, 96], [64, 128, 256, 512, 768]
+    ):
+        pytest.skip("enough memory for a paper-size step here: covered by the GPU / large-memory runs")
+    args = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN]
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "GiB on the CPU" in done.stderr and "cpu_small.yaml" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_paper_config_on_a_small_cpu_stops_with_a_clear_message(monkeypatch):
