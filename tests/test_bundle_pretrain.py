@@ -210,3 +210,21 @@ def test_paper_config_on_a_small_cpu_stops_with_a_clear_message(monkeypatch):
         engines.check_cpu_memory("cpu", 8, [96, 96, 96], [64, 128, 256, 512, 768])
     engines.check_cpu_memory("cpu", 4, [48, 48, 48], [8, 16, 32, 64, 96])  # the CPU-size config fits
     engines.check_cpu_memory("cuda", 8, [96, 96, 96], [64, 128, 256, 512, 768])  # not checked on a GPU
+
+
+def test_evaluate_config_reports_retrieval(qmri_dir, tmp_path):
+    run_workflow(**tiny_overrides(qmri_dir, tmp_path, iterations_per_epoch=1))
+    overrides = {**tiny_overrides(qmri_dir, tmp_path), "eval_split": "all", "eval_protocols": 4, "eval_roi_mm": 96.0}
+    workflow = ConfigWorkflow(
+        config_file=[TRAIN, str(BUNDLE / "configs" / "evaluate.yaml")],
+        workflow_type="infer",
+        run_id="evaluating",
+        **overrides,
+    )
+    workflow.initialize()
+    workflow.run()
+    import json
+
+    record = json.loads((tmp_path / "invariance.json").read_text())
+    assert set(record["results"]) == {"pretrained", "random init"}
+    assert 0.0 <= record["results"]["pretrained"]["top1"] <= 1.0 and record["n_subjects"] == 3
