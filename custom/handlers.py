@@ -33,6 +33,19 @@ def _state_objects(objects: Mapping[str, object]) -> dict[str, object]:
     return {k: v for k, v in objects.items() if v is not None}
 
 
+_SCHEDULE_SETTINGS = ("total_iters", "power", "T_max", "milestones", "gamma")
+
+
+def _resync_learning_rate(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Set the optimizer's learning rates to what the (possibly re-configured) schedule gives at its step."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.PolynomialLR):
+        step = min(scheduler.last_epoch, scheduler.total_iters)
+        factor = (1.0 - step / max(scheduler.total_iters, 1)) ** scheduler.power
+        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base * factor
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 class ResumableCheckpoint:
     """Save ``ckpt_dir/checkpoint.pt`` every ``iteration_interval`` iterations and every epoch; resume on start.
 
@@ -73,7 +86,19 @@ class ResumableCheckpoint:
             logger.info(f"no checkpoint at {self.path}: starting from scratch")
             return
         device = getattr(engine.state, "device", None) or "cpu"
+        # an LR schedule's length comes from this run's config: a run restarted with more --max_epochs continues
+        # with the longer schedule instead of the finished one's (whose LR has already decayed to 0)
+        schedule = {
+            name: {k: getattr(obj, k) for k in _SCHEDULE_SETTINGS if hasattr(obj, k)}
+            for name, obj in self.save_dict.items()
+            if isinstance(obj, torch.optim.lr_scheduler.LRScheduler)
+        }
         CheckpointLoader(load_path=str(self.path), load_dict=self.save_dict, map_location=device)(engine)
+        for name, settings in schedule.items():
+            scheduler = self.save_dict[name]
+            for key, value in settings.items():
+                setattr(scheduler, key, value)
+            _resync_learning_rate(scheduler)
         logger.info(f"resumed from {self.path}: epoch {engine.state.epoch}, iteration {engine.state.iteration}")
         print(f"resumed from {self.path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
 

@@ -105,9 +105,14 @@ def test_resume_restores_epoch_optimizer_and_scheduler(qmri_dir, tmp_path):
     seen_epochs = []
     from ignite.engine import Events
 
+    seen_lr = []
     trainer2.add_event_handler(Events.EPOCH_STARTED, lambda e: seen_epochs.append(e.state.epoch))
+    trainer2.add_event_handler(Events.EPOCH_STARTED, lambda e: seen_lr.append(optimizer2.param_groups[0]["lr"]))
     second.run()
     assert seen_epochs == [3], f"resumed run trained epochs {seen_epochs}, expected only epoch 3"
+    # the longer schedule applies: epoch 3 of 3 runs at lr * (1 - 2/3)^0.9, not at the finished run's 0
+    base_lr = second.parser.get_parsed_content("learning_rate")
+    assert seen_lr[0] == pytest.approx(base_lr * (1 - 2 / 3) ** 0.9, rel=1e-6)
     assert trainer2.state.iteration == 3
     assert optimizer2.state_dict()["state"], "optimizer state not restored"
 
