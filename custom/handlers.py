@@ -93,7 +93,13 @@ class ResumableCheckpoint:
             for name, obj in self.save_dict.items()
             if isinstance(obj, torch.optim.lr_scheduler.LRScheduler)
         }
-        CheckpointLoader(load_path=str(self.path), load_dict=self.save_dict, map_location=device)(engine)
+        saved = torch.load(self.path, map_location="cpu", weights_only=False)
+        present = {k: v for k, v in self.save_dict.items() if k in saved}
+        missing = sorted(set(self.save_dict) - set(present))
+        if missing:
+            logger.info(f"{self.path} holds no state for {missing}: they start fresh")
+        del saved
+        CheckpointLoader(load_path=str(self.path), load_dict=present, map_location=device)(engine)
         for name, settings in schedule.items():
             scheduler = self.save_dict[name]
             for key, value in settings.items():

@@ -231,6 +231,13 @@ class BestModelExport:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
+    def state_dict(self) -> dict[str, float]:
+        """The best value so far (kept in training checkpoints, so a resumed run does not overwrite a better model)."""
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.best = float(state["best"])
+
     def __call__(self, engine: Engine) -> None:
         value = float(engine.state.metrics.get(self.metric_name, float("nan")))
         if not is_main_process() or not self.sign * value > self.best:

@@ -104,3 +104,22 @@ def test_label_grid_mismatch_names_the_file(synthetic, tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), np.eye(4)), str(label))
     with pytest.raises(InputError, match="bad_label.nii.gz"):
         check_label_grid(image, label)
+
+
+def test_resumed_run_keeps_the_best_validation_value(trained, synthetic, encoder_file):
+    import json
+
+    record = json.loads((trained / "model.json").read_text())
+    overrides = {**TINY, "pretrained_encoder": str(encoder_file)}
+    workflow = run_config(
+        BUNDLE,
+        "train.yaml",
+        "training",
+        "train",
+        dataset_dir=str(synthetic / "ixi"),
+        output_dir=str(trained),
+        model_path=str(trained / "model.pt"),
+        **overrides,
+    )
+    best = workflow.parser.get_parsed_content("validate#best_model").best
+    assert best == pytest.approx(record["best_metric"]["val_mean_dice"])
