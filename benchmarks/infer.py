@@ -41,10 +41,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import resource
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +52,7 @@ import numpy as np
 import torch
 from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
+from simulate import median_seconds  # same timing rule as the simulation benchmark (run as a script from benchmarks/)
 
 from custom.inference import NiftiPredictor, validate_nifti
 from custom.segmentation import DownstreamSettings, build_inferer, build_network, build_preprocessing, load_trained
@@ -124,19 +123,6 @@ def window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> in
 
 
 # ---------------------------------------------------------------- timing and memory
-
-
-def median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
-    """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call."""
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def max_rss_mib() -> float:

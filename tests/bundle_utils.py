@@ -32,6 +32,18 @@ def make_synthetic(tmp_path_factory, name: str, subjects: int = 9) -> Path:
     return root
 
 
+def save_tiny_encoder(tmp_path_factory) -> Path:
+    """A seeded random encoder of the :data:`TINY` widths, saved as an encoder-only state dict."""
+    import torch
+
+    from custom.networks import Encoder
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("encoder") / "encoder.pt"
+    torch.save(Encoder(features=TINY["encoder_features"]).state_dict(), path)
+    return path
+
+
 def run_config(bundle: Path, config: str, run_id: str, workflow_type: str, **overrides) -> ConfigWorkflow:
     """Initialise, check and run one bundle config through MONAI's ConfigWorkflow."""
     workflow = ConfigWorkflow(

@@ -8,9 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import REPO, TINY, make_synthetic, run_config, run_inference, train_tiny
-
-from custom.networks import Encoder
+from bundle_utils import REPO, make_synthetic, run_config, run_inference, save_tiny_encoder, train_tiny
 
 BUNDLE = REPO / "bundles" / "arc_lesion_seg"
 
@@ -22,10 +20,7 @@ def synthetic(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def encoder_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("encoder") / "encoder.pt"
-    torch.save(Encoder(features=TINY["encoder_features"]).state_dict(), path)
-    return path
+    return save_tiny_encoder(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
