@@ -4,6 +4,11 @@ Commands:
     seqinv synth --out data/synthetic --subjects 4 --seed 0 [--resolution 2] [--preview]
     seqinv simulate --sequence mprage --preset clinical --seed 0   (print one sampled protocol)
     seqinv invariance --weights bundles/seqinv_pretrain/models/model.pt --dataset_dir data/heldout/qmri --split all
+    seqinv check bundles/ixi_tissue_seg                       (metadata against the bundle specification)
+    seqinv package bundles/ixi_tissue_seg --out dist/         (deterministic zip + dist/model_info.json)
+    seqinv verify X/ixi_tissue_seg.zip --model_info dist/model_info.json
+    seqinv fetch --name ixi_tissue_seg --url file:///.../ixi_tissue_seg_v0.1.0.zip --bundle_dir X \
+        --model_info dist/model_info.json                     (download, check sha256, install with MONAI)
 """
 
 from __future__ import annotations
@@ -121,6 +126,48 @@ class Commands:
         print(str(sample))
         print(json.dumps(sample.to_dict(), indent=2))
 
+    def check(self, *bundles: str) -> None:
+        """Check each bundle's ``configs/metadata.json`` against the bundle specification (offline schema)."""
+        from custom.bundle_check import validate_metadata
+
+        if not bundles:
+            raise CommandError("give one or more bundle folders, e.g. seqinv check bundles/*")
+        for bundle in bundles:
+            metadata = validate_metadata(bundle)
+            print(f"{bundle}: metadata OK ({metadata['name']} {metadata['version']})")
+
+    def package(
+        self, bundle: str, out: str = "dist", weights_url: str | None = None, allow_missing_weights: bool = False
+    ) -> None:
+        """Write ``<out>/<name>_v<version>.zip`` (bundle + a copy of ``custom/``) and record it in model_info.json.
+
+        Args:
+            bundle: the bundle folder, e.g. ``bundles/ixi_tissue_seg``.
+            out: output folder.
+            weights_url: keep the weights out of the zip and list them in ``large_files.yml`` with this URL
+                (``{name}`` is replaced by the file name), e.g. a GitHub release asset URL.
+            allow_missing_weights: package a bundle without ``models/model.pt``.
+        """
+        from custom.packaging import MODEL_INFO, package_bundle
+
+        result = package_bundle(bundle, out, weights_url=weights_url, allow_missing_weights=bool(allow_missing_weights))
+        print(f"{result.zip_path}: {len(result.entries)} files, weights {result.weights}, sha256 {result.sha256}")
+        print(f"recorded in {Path(out) / MODEL_INFO}")
+
+    def verify(self, zip_path: str, model_info: str, name: str | None = None, version: str | None = None) -> None:
+        """Check a downloaded bundle zip's sha256 against ``model_info.json`` (a path or URL) before using it."""
+        from custom.packaging import verify_bundle_zip
+
+        entry = verify_bundle_zip(zip_path, model_info, name=name, version=version)
+        print(f"{zip_path}: sha256 OK ({entry['name']} {entry['version']})")
+
+    def fetch(self, name: str, url: str, bundle_dir: str, model_info: str, version: str | None = None) -> None:
+        """Download a bundle zip, verify its sha256 against ``model_info``, then install it with MONAI's download."""
+        from custom.packaging import fetch_bundle
+
+        folder = fetch_bundle(name, url, bundle_dir, model_info, version=version)
+        print(f"installed {folder}; run e.g. python -m monai.bundle run --config_file {folder}/configs/inference.yaml")
+
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``seqinv`` console script."""
@@ -129,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as err:
         print(f"seqinv: error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, PermissionError, ValueError) as err:
+    except (FileNotFoundError, PermissionError, ValueError) as err:  # InputError is a ValueError
         print(f"seqinv: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -21,8 +21,10 @@ model / checkpoint file) back with an explicit key mapping, reporting how many t
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,9 @@ __all__ = [
     "PAPER_DECODER_FEATURES",
     "ConvBlock",
     "Encoder",
+    "PooledEncoder",
+    "encoder_features_of",
+    "pooled_encoder_from_weights",
     "Projector",
     "Reconstructor",
     "PretrainingModel",
@@ -167,7 +172,7 @@ class Encoder(nn.Module):
     @property
     def size_divisor(self) -> int:
         """Every input spatial size must be a multiple of this: ``2 ** (levels - 1)``."""
-        return 2 ** (len(self.features) - 1)
+        return 1 << (len(self.features) - 1)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` naming the shape unless ``x`` is ``(B, in_channels, *S)`` with every size in ``S`` a
@@ -197,7 +202,8 @@ class Encoder(nn.Module):
 
         ``(B, in_channels, *S) -> [(B, features[i], *S / 2**i) for i in range(levels)]``.
         """
-        self.check_input(x)
+        if not torch.jit.is_scripting():  # shape checks with readable errors; TorchScript keeps the math only
+            self.check_input(x)
         maps: list[torch.Tensor] = []
         for level in self.levels:
             x = level(x)
@@ -212,6 +218,56 @@ class Encoder(nn.Module):
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """Global-average-pooled deepest features ``h``: ``(B, in_channels, *S) -> (B, out_channels)``."""
         return self.global_pool(self.forward(x)[-1])
+
+
+class PooledEncoder(Encoder):
+    """The encoder as a feature extractor: ``(B, in_channels, *S) -> (B, features[-1])``.
+
+    The output is ``h``, the global average of the deepest feature map (what the projector sees in
+    pretraining, and what the sequence-invariance evaluation compares). Its state dict has exactly the keys
+    of :class:`Encoder`, so a ``seqinv_pretrain`` ``models/model.pt`` loads into it directly; this is the
+    network that the bundle's metadata describes, that ``verify_net_in_out`` runs and ``ckpt_export``
+    scripts (TorchScript cannot script the list output of :meth:`Encoder.forward` into a single tensor).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """``(B, in_channels, *S) -> (B, features[-1])``."""
+        if not torch.jit.is_scripting():
+            self.check_input(x)
+        for level in self.levels:
+            x = level(x)
+        return x.flatten(2).mean(dim=2)
+
+
+def encoder_features_of(state: Mapping[str, Any]) -> tuple[int, ...]:
+    """Widths of the encoder that produced ``state`` (an encoder state dict or a model holding ``encoder.*``).
+
+    Read from the output channels of the last convolution of every level (``levels.<i>...conv.weight``), so a
+    bundle can rebuild its encoder from the weights alone. Raises ``ValueError`` when no level is found.
+    """
+    entries = _encoder_entries(_unwrap_checkpoint(state, "<state dict>"))
+    widths: dict[int, int] = {}
+    for key, value in entries.items():
+        parts = key.split(".")
+        if len(parts) > 2 and parts[0] == "levels" and parts[1].isdigit() and key.endswith("conv.weight"):
+            widths[int(parts[1])] = int(value.shape[0])  # keys sort conv_0 before conv_1: the last one wins
+    if not widths or sorted(widths) != list(range(len(widths))):
+        raise ValueError(f"cannot read encoder widths: no levels.<i>.*.conv.weight keys in {sorted(entries)[:5]}")
+    return tuple(widths[i] for i in range(len(widths)))
+
+
+def pooled_encoder_from_weights(
+    path: str | Path, default_features: Sequence[int] = PAPER_ENCODER_FEATURES, dropout: float = 0.2
+) -> PooledEncoder:
+    """A :class:`PooledEncoder` with the widths (and weights) of ``path`` if that file exists, else
+    ``default_features`` with random initialisation (so a bundle without weights can still be verified)."""
+    path = Path(path)
+    if not path.is_file():
+        return PooledEncoder(1, default_features, dropout)
+    state = _read_source(path)
+    encoder = PooledEncoder(1, encoder_features_of(state), dropout)
+    load_encoder_weights(encoder, state)
+    return encoder
 
 
 class Projector(nn.Module):
@@ -511,9 +567,39 @@ def _encoder_entries(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _read_zipped_weights(path: Path) -> Mapping[str, Any]:
+    """Weights of a packaged bundle zip (``<name>/models/model.pt`` inside), read without extracting."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = sorted(n for n in archive.namelist() if n.endswith("models/model.pt"))
+            if not members:
+                raise FileNotFoundError(
+                    f"bundle zip {path} holds no models/model.pt (its weights may be listed in large_files.yml: "
+                    "download them with `python -m monai.bundle download_large_files` and pass the bundle folder)"
+                )
+            member = min(members, key=lambda n: n.count("/"))  # the bundle's own weights, not a nested copy
+            payload = archive.read(member)
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"cannot read pretrained encoder bundle {path}: not a valid zip file ({err})") from err
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types (UnpicklingError, RuntimeError, EOFError, ...)
+        raise ValueError(f"cannot read pretrained encoder weights {member} in {path}: {err}") from err
+
+
 def _read_source(source: str | Path) -> Mapping[str, Any]:
-    """Load the object stored at ``source`` (a file, or a MONAI bundle folder -> ``models/model.pt``)."""
+    """Load the object stored at ``source``: a weights file, a bundle folder or a packaged bundle zip.
+
+    A folder is a MONAI bundle (``models/model.pt``), the parent a bundle was downloaded into (exactly one
+    ``*/models/model.pt`` below it), or a folder holding ``model.pt``; a ``.zip`` is a packaged bundle.
+    """
     path = Path(source).expanduser()
+    if path.is_file() and path.suffix.lower() == ".zip":
+        return _read_zipped_weights(path)
+    if path.is_dir() and not (path / "models" / "model.pt").is_file() and not (path / "model.pt").is_file():
+        nested = sorted(path.glob("*/models/model.pt"))
+        if len(nested) == 1:  # the folder given to `monai.bundle download --bundle_dir`
+            path = nested[0].parent.parent
     if path.is_dir():
         candidates = [path / "models" / "model.pt", path / "model.pt"]
         found = next((c for c in candidates if c.is_file()), None)
