@@ -865,8 +865,10 @@ class ContrastiveViewsd(MapTransform, RandomizableTransform):
     simulation of the crop), divided by the full volume's 99.5th percentile inside the brain (estimated on a
     regular subsample of ~64^3 voxels), rotated/sheared/flipped to the patch size: that is the clean target
     ``{view}_recon``; the view itself is the target plus bias field, Gibbs ringing, Rician noise and cuboid
-    dropout. The two views get independent crops and augmentations. Protocols whose image would be empty are
-    redrawn (same sequence type; see :func:`_draw_protocol`).
+    dropout. Both views are cropped inside one random region of ``shared_region`` times the crop size per axis
+    (the authors' pipeline crops 1.2x the patch before simulating both views), so the two views overlap and
+    show largely the same anatomy; inside it each view gets its own crop and augmentations. Protocols whose
+    image would be empty are redrawn (same sequence type; see :func:`_draw_protocol`).
 
     Outputs: ``view_keys`` (default ``image1``, ``image2``), ``recon_keys`` (default ``image1_recon``,
     ``image2_recon``), each ``(1, *patch_size)`` float32 on the input's device, and
@@ -889,6 +891,9 @@ class ContrastiveViewsd(MapTransform, RandomizableTransform):
         keep_inputs: keep the input volumes (maps, MPRAGE, mask) in the output dict; by default they are
             removed so a DataLoader does not collate full volumes that the training step does not use.
         percentile, max_tries, empty_threshold: as in :class:`RandSimulateSequenced`.
+        shared_region: edge of the region both views are cropped from, as a multiple (>= 1) of the view crop
+            (patch plus margins); ``None`` crops each view anywhere in the volume (then two views of one subject
+            need not overlap at all, and NT-Xent finds little to match on).
     """
 
     def __init__(
@@ -911,6 +916,7 @@ class ContrastiveViewsd(MapTransform, RandomizableTransform):
         percentile: float = 99.5,
         max_tries: int = 10,
         empty_threshold: float = 1e-6,
+        shared_region: float | None = 1.2,
     ) -> None:
         if mode not in _MODES:
             raise InputError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -944,7 +950,26 @@ class ContrastiveViewsd(MapTransform, RandomizableTransform):
         for forbidden in ("keys", "label_keys", "crop_keys", "patch_size"):
             if forbidden in aug_kwargs:
                 raise ValueError(f"augment must not set {forbidden!r}; ContrastiveViewsd sets it")
-        self.augment = mri_augmentations((_IMAGE,), self.patch_size, crop_keys=(*QMRIMaps.NAMES, _IMAGE), **aug_kwargs)
+        crop_keys = (*QMRIMaps.NAMES, _IMAGE)
+        self.augment = mri_augmentations((_IMAGE,), self.patch_size, crop_keys=crop_keys, **aug_kwargs)
+        self.region_crop: RandSpatialCropd | None = None
+        if shared_region is not None:
+            if not float(shared_region) >= 1.0:
+                raise ValueError(
+                    f"shared_region must be >= 1 (a multiple of the view crop) or None, got {shared_region}"
+                )
+            margin = aug_kwargs.get("margin")
+            margins = (
+                tuple(int(math.ceil(p / 8)) for p in self.patch_size)
+                if margin is None
+                else tuple(int(m) for m in ensure_tuple_rep(margin, 3))
+            )
+            region = [
+                int(math.ceil(float(shared_region) * (p + 2 * m)))
+                for p, m in zip(self.patch_size, margins, strict=True)
+            ]
+            # a region larger than the volume is cut to the volume (MONAI's crop), the view crop then pads
+            self.region_crop = RandSpatialCropd(crop_keys, roi_size=region, random_size=False, allow_missing_keys=True)
         self._seq_seed = 0
         self._b1_sets: list[list[float] | None] = [None, None]
 
@@ -953,6 +978,8 @@ class ContrastiveViewsd(MapTransform, RandomizableTransform):
     ) -> ContrastiveViewsd:
         super().set_random_state(seed=seed, state=state)
         self.augment.set_random_state(seed=int(self.R.randint(MAX_SEED, dtype="uint32")))
+        if self.region_crop is not None:
+            self.region_crop.set_random_state(seed=int(self.R.randint(MAX_SEED, dtype="uint32")))
         return self
 
     def randomize(self, data: Any = None) -> None:
@@ -1014,8 +1041,11 @@ class ContrastiveViewsd(MapTransform, RandomizableTransform):
         return [_Source(None, None, scale)] * 2
 
     # -- one view --------------------------------------------------------------------------------------------
-    def _view(self, src: _Source, inputs: dict[str, torch.Tensor], full: tuple[int, ...]) -> tuple[Any, Any]:
-        cropped = self.augment.crop(dict(inputs))
+    def _view(
+        self, src: _Source, region: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor], full: tuple[int, ...]
+    ) -> tuple[Any, Any]:
+        """One view and its clean target, cropped from ``region`` (``inputs`` is the whole volume)."""
+        cropped = self.augment.crop(dict(region))
         if src.sample is None:
             ref = cropped[_IMAGE]
             clean = _plain(ref).float() / src.scale
@@ -1050,8 +1080,9 @@ class ContrastiveViewsd(MapTransform, RandomizableTransform):
             sources = self._simulated_sources(maps, mask)
             inputs = {k: _as_meta(v) for k, v in maps.as_dict().items()}
             full = maps.spatial_shape
+        region = self.region_crop(dict(inputs)) if self.region_crop is not None else inputs
         for src, vkey, rkey in zip(sources, self.view_keys, self.recon_keys, strict=True):
-            view, target = self._view(src, inputs, full)
+            view, target = self._view(src, region, inputs, full)
             record = sequence_record(src.sample)
             for t in (view, target):
                 if isinstance(t, MetaTensor):

@@ -288,6 +288,26 @@ def test_crop_then_simulate_equals_simulate_then_crop():
         assert float(ratio.std() / ratio.mean()) < 1e-4  # equal up to the global normalisation
 
 
+def test_views_are_cropped_from_one_shared_region():
+    """Both views come from one region of shared_region x the crop (authors' 1.2x patch crop), so they overlap."""
+    data = phantom(meta=True)
+    aug = {**no_augment(), "margin": 0}
+
+    def starts(seed: int, shared_region: float | None) -> torch.Tensor:
+        out = views("seqinv", seed, data, patch_size=6, augment=aug, shared_region=shared_region)
+        return torch.tensor([out[k].affine[:3, 3].tolist() for k in ("image1_recon", "image2_recon")])
+
+    for seed in range(8):
+        same = starts(seed, 1.0)  # region == crop: both views at the same place
+        assert torch.equal(same[0], same[1])
+        near = starts(seed, 1.5)  # region 9 voxels: starts differ by at most 3
+        assert float((near[0] - near[1]).abs().max()) <= 3
+    apart = max(float((starts(seed, None)[0] - starts(seed, None)[1]).abs().max()) for seed in range(8))
+    assert apart > 3  # independent crops anywhere in the volume do drift apart
+    with pytest.raises(ValueError, match="shared_region"):
+        T.ContrastiveViewsd(mode="seqinv", patch_size=6, shared_region=0.5)
+
+
 def test_base_mode_uses_mprage():
     data = phantom()
     for seed in range(6):
