@@ -250,7 +250,7 @@ def encoder_features_of(state: Mapping[str, Any]) -> tuple[int, ...]:
     for key, value in entries.items():
         parts = key.split(".")
         if len(parts) > 2 and parts[0] == "levels" and parts[1].isdigit() and key.endswith("conv.weight"):
-            widths[int(parts[1])] = int(value.shape[0])  # keys sort conv_0 before conv_1: the last one wins
+            widths[int(parts[1])] = int(value.shape[0])  # both convs of a level output its width
     if not widths or sorted(widths) != list(range(len(widths))):
         raise ValueError(f"cannot read encoder widths: no levels.<i>.*.conv.weight keys in {sorted(entries)[:5]}")
     return tuple(widths[i] for i in range(len(widths)))
