@@ -44,6 +44,20 @@ def save_tiny_encoder(tmp_path_factory) -> Path:
     return path
 
 
+def assert_encoder_unchanged(encoder_file: Path, model_file: Path) -> None:
+    """Every encoder tensor saved in a trained downstream ``model.pt`` equals the pretrained one; a decoder exists."""
+    import torch
+
+    original = torch.load(encoder_file, weights_only=True)
+    saved = torch.load(model_file, weights_only=True)
+    encoder_keys = [k for k in saved if k.startswith("encoder.")]
+    assert len(encoder_keys) == len(original)
+    for key, value in original.items():
+        assert torch.equal(saved[f"encoder.{key}"], value), f"encoder tensor {key} changed during training"
+    decoder = [k for k in saved if not k.startswith("encoder.")]
+    assert decoder, "no decoder weights saved"
+
+
 def run_config(bundle: Path, config: str, run_id: str, workflow_type: str, **overrides) -> ConfigWorkflow:
     """Initialise, check and run one bundle config through MONAI's ConfigWorkflow."""
     workflow = ConfigWorkflow(
