@@ -189,6 +189,9 @@ def combine_tables(
     rows: list[dict] = []
     for path in sorted(Path(p) for p in csv_paths):
         rows.extend(ResultsTable.from_csv(path).rows)
+    for row in rows:  # a run written before a grouping column existed
+        for key in group_by:
+            row.setdefault(key, "n/a")
     if not rows:
         return None
     markdown = ResultsTable(rows).to_markdown(

@@ -47,6 +47,7 @@ from monai.utils import ensure_tuple
 
 from custom.errors import InputError
 from custom.io import atomic_write
+from custom.postprocess import min_component_voxels, remove_small_components
 from custom.preprocess import image_preprocessing, intensity_map, restore_intensity
 
 __all__ = [
@@ -252,6 +253,10 @@ class NiftiPredictor:
         label_dtype: voxel type of written label maps (numpy dtype or its name).
         residual: regression only: the network predicts a residual to subtract from its (normalised) input, e.g.
             the noise of a denoiser: the output is ``input - network(input)`` (then restored when asked).
+        min_component_ml: segmentation only: after the argmax on the input grid, connected components (26-
+            connectivity) of a foreground label smaller than this many millilitres become background; 0 (the
+            default) keeps everything. The written map, the volumes and anything scored from them use the
+            cleaned labels.
     """
 
     def __init__(
@@ -269,6 +274,7 @@ class NiftiPredictor:
         restore_intensity: bool = False,
         label_dtype: Any = np.uint8,
         residual: bool = False,
+        min_component_ml: float = 0.0,
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"unknown task={task!r}; choose one of {list(TASKS)}")
@@ -276,6 +282,10 @@ class NiftiPredictor:
             raise ValueError("save_probabilities applies to task='segmentation' only")
         if (restore_intensity or residual) and task != "regression":
             raise ValueError("restore_intensity and residual apply to task='regression' only")
+        if min_component_ml and task != "segmentation":
+            raise ValueError("min_component_ml applies to task='segmentation' only")
+        min_component_voxels(float(min_component_ml), (1.0, 1.0, 1.0))  # validates the volume (mL)
+        self.min_component_ml = float(min_component_ml)
         self.device = torch.device(device)
         self.network = network.to(self.device)
         self.inferer = inferer if inferer is not None else SimpleInferer()
@@ -381,6 +391,11 @@ class NiftiPredictor:
         if self.task == "segmentation":
             probs = self._to_input_grid(self._probabilities(out), image.affine, img)
             labels = probs.argmax(axis=0)
+            if self.min_component_ml > 0:
+                spacing = img.header.get_zooms()[:3]
+                labels, result["components_removed"] = remove_small_components(
+                    labels, min_component_voxels(self.min_component_ml, spacing)
+                )
             self._save(labels, img, result["output"], self.label_dtype)
             if self.save_probabilities:
                 result["probabilities"] = self._save(

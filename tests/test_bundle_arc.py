@@ -112,3 +112,32 @@ def test_empty_reference_and_prediction_are_reported_not_nan():
     table = ResultsTable(rows).to_markdown(group_by=("contrast",), metrics=["dice_mean", "hd95_mean"])
     assert "nan" not in table.lower() and "undefined" in table
     assert "volume" in volume_agreement(rows, "lesion")
+
+
+def test_evaluation_with_small_component_removal_labels_its_rows(trained, synthetic):
+    import csv
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "evaluate.yaml"))
+    parser.update({"bundle_root": "B", "contrast": "FLAIR", "min_lesion_ml": 0.1})
+    assert parser.get_parsed_content("output_dir").endswith("eval_FLAIR_min0.1ml")
+    assert parser.get_parsed_content("postprocessing") == "lesions >= 0.1 mL"
+
+    out = trained / "eval_min"
+    run_config(
+        BUNDLE,
+        "evaluate.yaml",
+        "evaluating",
+        "infer",
+        dataset_dir=str(synthetic / "arc"),
+        model_path=str(trained / "model.pt"),
+        output_dir=str(out),
+        min_lesion_ml=1.0e6,  # larger than any brain: every predicted component goes
+    )
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert rows and all(float(r["volume_ml_pred_lesion"]) == 0 for r in rows)
+    assert all(r["postprocessing"] == "lesions >= 1e+06 mL" for r in rows)
+    table = (out / "metrics.md").read_text()
+    assert "lesions >= 1e+06 mL" in table and "nan" not in table.lower()

@@ -233,3 +233,27 @@ def test_evaluate_config_reports_retrieval(qmri_dir, tmp_path):
     record = json.loads((tmp_path / "invariance.json").read_text())
     assert set(record["results"]) == {"pretrained", "random init"}
     assert 0.0 <= record["results"]["pretrained"]["top1"] <= 1.0 and record["n_subjects"] == 3
+
+
+def test_augment_key_reaches_the_views_paper_by_default_light_on_cpu_small():
+    from monai.bundle import ConfigParser
+    from monai.transforms import RandFlipd
+
+    from custom.transforms import ContrastiveViewsd, RandCuboidDropoutd
+
+    def views_transform(files: list[str]) -> ContrastiveViewsd:
+        parser = ConfigParser()
+        parser.read_config(files)
+        parser["bundle_root"] = str(BUNDLE)
+        transforms = parser.get_parsed_content("train#preprocessing").transforms
+        return next(t for t in transforms if isinstance(t, ContrastiveViewsd))
+
+    def probabilities(views: ContrastiveViewsd) -> dict[str, float]:
+        flips = [t.prob for t in views.augment.spatial.transforms if isinstance(t, RandFlipd)]
+        holes = [t.prob for t in views.augment.artefacts.transforms if isinstance(t, RandCuboidDropoutd)]
+        return {"flip": max(flips), "holes": holes[0]}
+
+    paper = views_transform([str(TRAIN)])
+    light = views_transform([str(TRAIN), str(BUNDLE / "configs" / "cpu_small.yaml")])
+    assert probabilities(paper) == {"flip": 0.5, "holes": 1.0}
+    assert probabilities(light) == {"flip": 0.0, "holes": 0.0}
