@@ -371,7 +371,8 @@ class NiftiPredictor:
 
         Returns:
             ``{"input", "output", "probabilities" (path or None), "shape", "seconds"}`` and, for segmentation,
-            ``"voxels"`` and ``"volume_ml"`` per class label; for regression ``"min"``, ``"max"``, ``"mean"``.
+            ``"voxels"`` and ``"volume_ml"`` per class label (and ``"components_removed"`` when
+            ``min_component_ml`` is set); for regression ``"min"``, ``"max"``, ``"mean"``.
 
         Raises:
             InputError: the file is not a usable 3D NIfTI (see :func:`validate_nifti`).

@@ -271,12 +271,25 @@ def pooled_encoder_from_weights(
 
 
 class Projector(nn.Module):
-    """Contrastive projection head: Linear -> GELU -> Linear. ``(B, in_dim) -> (B, out_dim)``."""
+    """Contrastive projection head: Linear -> GELU -> Linear. ``(B, in_dim) -> (B, out_dim)``.
 
-    def __init__(self, in_dim: int = 768, hidden_dim: int = 512, out_dim: int = 128) -> None:
+    ``norm="batch"`` (not in the paper; the SimCLR projection head has it) puts a ``BatchNorm1d`` after the first
+    linear layer. It standardises each hidden unit across the batch, so the embeddings cannot start (or fall
+    back) into the collapsed state in which every view has the same embedding: the global average of an
+    instance-normalised map varies little between inputs, and without it the embeddings of all views start at
+    cosine ~0.99. Needs batches of two or more in training mode.
+    """
+
+    def __init__(self, in_dim: int = 768, hidden_dim: int = 512, out_dim: int = 128, norm: str | None = None) -> None:
         super().__init__()
         self.in_dim, self.hidden_dim, self.out_dim = int(in_dim), int(hidden_dim), int(out_dim)
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+        if norm not in (None, "none", "batch"):
+            raise ValueError(f"projector norm must be None or 'batch', got {norm!r}")
+        self.norm = None if norm in (None, "none") else norm
+        hidden: list[nn.Module] = [nn.Linear(in_dim, hidden_dim)]
+        if self.norm == "batch":
+            hidden.append(nn.BatchNorm1d(hidden_dim))
+        self.net = nn.Sequential(*hidden, nn.GELU(), nn.Linear(hidden_dim, out_dim))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """``(B, in_dim) -> (B, out_dim)``."""
@@ -349,6 +362,8 @@ class PretrainingModel(nn.Module):
     * ``"recon"``: reconstruction of the (clean) image, ``(B, in_channels, *S)``, or ``None`` when
       ``reconstruction=False`` (then ``self.reconstructor`` is ``None`` too).
 
+    ``proj_norm="batch"`` adds a BatchNorm to the projector (see :class:`Projector`; not in the paper).
+
     ``len(recon_features)`` must equal ``len(features) - 1`` so the reconstruction has the input size
     (``ValueError`` otherwise). The encoder-only weights are ``model.encoder.state_dict()``
     (see :func:`encoder_state_dict`).
@@ -366,10 +381,11 @@ class PretrainingModel(nn.Module):
         norm: NormType = "instance",
         act: ActType = "gelu",
         spatial_dims: int = 3,
+        proj_norm: str | None = None,
     ) -> None:
         super().__init__()
         self.encoder = Encoder(in_channels, features, dropout, norm, act, spatial_dims)
-        self.projector = Projector(self.encoder.out_channels, proj_hidden, proj_dim)
+        self.projector = Projector(self.encoder.out_channels, proj_hidden, proj_dim, proj_norm)
         self.reconstructor: Reconstructor | None = None
         if reconstruction:
             recon_features = tuple(recon_features)

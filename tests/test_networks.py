@@ -81,6 +81,23 @@ def test_projector_dims() -> None:
     assert Projector()(torch.randn(2, 768)).shape == (2, 128)
 
 
+def test_projector_batch_norm_spreads_nearly_identical_features() -> None:
+    torch.manual_seed(0)
+    features = 1.0 + 0.01 * torch.randn(8, 16)  # nearly the same vector for every view (cosine ~0.9999)
+
+    def mean_pairwise_cosine(z: torch.Tensor) -> float:
+        z = torch.nn.functional.normalize(z, dim=1)
+        sim = z @ z.T
+        return float((sim.sum() - sim.diag().sum()) / (len(z) * (len(z) - 1)))
+
+    assert mean_pairwise_cosine(Projector(16, 32, 8)(features)) > 0.99
+    with_bn = Projector(16, 32, 8, norm="batch")
+    assert isinstance(with_bn.net[1], torch.nn.BatchNorm1d)
+    assert mean_pairwise_cosine(with_bn(features)) < 0.5
+    with pytest.raises(ValueError, match="projector norm"):
+        Projector(16, 8, 4, norm="layer")
+
+
 def test_reconstructor_upsamples_by_16() -> None:
     rec = Reconstructor(16, TINY_RECON, out_channels=1)
     assert rec.upsampling_factor == 16
