@@ -86,7 +86,7 @@ def test_projector_batch_norm_spreads_nearly_identical_features() -> None:
     features = 1.0 + 0.01 * torch.randn(8, 16)  # nearly the same vector for every view (cosine ~0.9999)
 
     def mean_pairwise_cosine(z: torch.Tensor) -> float:
-        z = torch.nn.functional.normalize(z, dim=1)
+        z = torch.nn.functional.normalize(z.detach(), dim=1)
         sim = z @ z.T
         return float((sim.sum() - sim.diag().sum()) / (len(z) * (len(z) - 1)))
 
