@@ -45,8 +45,8 @@ def test_encoder_weights_never_change(trained, encoder_file):
     assert_encoder_unchanged(encoder_file, trained / "model.pt")
 
 
-def test_evaluation_table_and_lesion_volumes(trained, synthetic):
-    out = trained / "eval"
+def evaluate(trained: Path, synthetic: Path, out: Path, **overrides) -> Path:
+    """Run evaluate.yaml on the synthetic ARC test split with the tiny trained model; returns ``out``."""
     run_config(
         BUNDLE,
         "evaluate.yaml",
@@ -55,7 +55,13 @@ def test_evaluation_table_and_lesion_volumes(trained, synthetic):
         dataset_dir=str(synthetic / "arc"),
         model_path=str(trained / "model.pt"),
         output_dir=str(out),
+        **overrides,
     )
+    return out
+
+
+def test_evaluation_table_and_lesion_volumes(trained, synthetic):
+    out = evaluate(trained, synthetic, trained / "eval")
     table = (out / "metrics.md").read_text()
     assert "T1w" in table and "volume (mL)" in table and "nan" not in table.lower()
     import csv
@@ -125,17 +131,8 @@ def test_evaluation_with_small_component_removal_labels_its_rows(trained, synthe
     assert parser.get_parsed_content("output_dir").endswith("eval_FLAIR_min0.1ml")
     assert parser.get_parsed_content("postprocessing") == "lesions >= 0.1 mL"
 
-    out = trained / "eval_min"
-    run_config(
-        BUNDLE,
-        "evaluate.yaml",
-        "evaluating",
-        "infer",
-        dataset_dir=str(synthetic / "arc"),
-        model_path=str(trained / "model.pt"),
-        output_dir=str(out),
-        min_lesion_ml=1.0e6,  # larger than any brain: every predicted component goes
-    )
+    # larger than any brain: every predicted component goes
+    out = evaluate(trained, synthetic, trained / "eval_min", min_lesion_ml=1.0e6)
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert rows and all(float(r["volume_ml_pred_lesion"]) == 0 for r in rows)
     assert all(r["postprocessing"] == "lesions >= 1e+06 mL" for r in rows)
