@@ -8,6 +8,15 @@ Two presets:
 * ``clinical``: narrower ranges typical of clinical 3 T protocols (T1w MPRAGE, T2w/PDw FSE, CSF-nulled FLAIR,
   spoiled GRE), following the narrower ranges in the authors' code where it has them.
 
+Both presets give MPRAGE an inversion efficiency ~ U(0.8, 1.0) (the authors' code), and :func:`simulate` plays
+MPRAGE with its inversion pulse (:func:`custom.physics.mprage_inversion`) unless eq. 4 as printed is asked for
+(``mprage_model="eq4"``, or :data:`MPRAGE_MODEL`).
+
+The default sequence list :data:`SEQUENCES` is the paper's four (FSE, GRE, FLAIR, MPRAGE). Two more families of
+the authors' code can be named wherever a list of sequences is accepted (:data:`ALL_SEQUENCES`): ``mp2rage``
+(the UNI image, :func:`custom.physics.mp2rage`) and ``spgr`` (a short-TR spoiled gradient echo: eq. 2 with
+MT = 0).
+
 A :class:`SequenceSample` records the sequence name and every parameter in SI units (seconds, radians), can be
 turned into a plain dict for logging and rebuilt from it to replay a simulation exactly.
 """
@@ -24,6 +33,10 @@ from custom import physics
 
 __all__ = [
     "SEQUENCES",
+    "ALL_SEQUENCES",
+    "PARAM_NAMES",
+    "MPRAGE_MODELS",
+    "MPRAGE_MODEL",
     "PRESETS",
     "SequenceSample",
     "Uniform",
@@ -37,6 +50,23 @@ __all__ = [
 ]
 
 SEQUENCES: tuple[str, ...] = ("fse", "gre", "flair", "mprage")
+"""The default sequence list: the four families of the paper."""
+
+ALL_SEQUENCES: tuple[str, ...] = (*SEQUENCES, "mp2rage", "spgr")
+"""Every sequence family that can be sampled and simulated (the six of the authors' code); opt-in by name."""
+
+PARAM_NAMES: tuple[str, ...] = ("tr", "te", "ti", "tx", "td", "flip", "n", "efficiency", "ti1", "ti2", "flip1", "flip2")
+"""Every parameter name a sampled protocol of any family and preset can have (times in s, flips in rad, ``n`` a
+count, ``efficiency`` a fraction): records that must share keys (collated batches) fill the others with NaN."""
+
+MPRAGE_MODELS: tuple[str, ...] = ("inversion", "eq4")
+"""How :func:`simulate` plays MPRAGE: ``"inversion"`` (:func:`custom.physics.mprage_inversion`, the inversion pulse
+with the sampled efficiency) or ``"eq4"`` (:func:`custom.physics.mprage`, paper eq. 4 as printed, no inversion)."""
+
+MPRAGE_MODEL: str = "inversion"
+"""The MPRAGE model :func:`simulate` uses when its ``mprage_model`` argument is None (one of :data:`MPRAGE_MODELS`).
+Set it at start-up (``custom.sequences.MPRAGE_MODEL = "eq4"``) to switch code that calls :func:`simulate` without
+the argument, such as the simulation transforms; DataLoader workers started by ``spawn`` re-import the default."""
 
 
 def as_generator(seed: int | torch.Generator | None) -> torch.Generator:
@@ -143,6 +173,28 @@ PRESETS: dict[str, dict[str, dict[str, Distribution]]] = {
             "te": Uniform(0.002, 0.004),
             "flip": Degrees(Uniform(5.0, 12.0)),
             "n": IntUniform(100, 200),
+            # inversion efficiency (Mz -> -efficiency Mz): not in the appendix; the authors' code, NOTES.md.
+            "efficiency": Uniform(0.8, 1.0),
+        },
+        # Not in the paper; opt-in families of the authors' code (ALL_SEQUENCES). MP2RAGE: the code's TI1 and
+        # flip ranges and n ~ 160 +- 10 %; TI2 2.2 s +- 10 %; the code's TR of 2.3 s is shorter than TI2 plus half
+        # a train (an impossible protocol), so TR is a typical 3 T MP2RAGE TR here, N(5, 0.5) s.
+        "mp2rage": {
+            "tr": Normal(5.0, 0.5),
+            "ti1": Uniform(0.6, 0.9),
+            "ti2": Normal(2.2, 0.22),
+            "tx": Uniform(0.005, 0.008),
+            "te": Uniform(0.002, 0.004),
+            "flip1": Degrees(Uniform(3.0, 6.0)),
+            "flip2": Degrees(Uniform(3.0, 6.0)),
+            "n": IntUniform(144, 176),
+            "efficiency": Uniform(0.8, 1.0),
+        },
+        # SPGR: the code's ranges (as GRE, with TR up to 0.8 s); simulated as eq. 2 with MT = 0.
+        "spgr": {
+            "te": LogUniform(0.002, 0.08),
+            "tr": LogUniform(0.005, 0.8),
+            "flip": Degrees(Uniform(5.0, 50.0)),
         },
     },
     "clinical": {
@@ -163,6 +215,25 @@ PRESETS: dict[str, dict[str, dict[str, Distribution]]] = {
             "te": Uniform(0.002, 0.004),
             "flip": Degrees(Uniform(7.0, 10.0)),
             "n": IntUniform(128, 192),
+            "efficiency": Uniform(0.8, 1.0),
+        },
+        # 3 T MP2RAGE (Marques et al. 2010: TR 5 s, TI 0.7 / 2.5 s, flips 4 / 5 deg), both trains fitting in TR.
+        "mp2rage": {
+            "tr": Uniform(4.5, 5.5),
+            "ti1": Uniform(0.7, 0.9),
+            "ti2": Uniform(2.3, 2.7),
+            "tx": Uniform(0.006, 0.0075),
+            "te": Uniform(0.002, 0.004),
+            "flip1": Degrees(Uniform(3.0, 5.0)),
+            "flip2": Degrees(Uniform(4.0, 6.0)),
+            "n": IntUniform(120, 176),
+            "efficiency": Uniform(0.8, 1.0),
+        },
+        # T1w 3D spoiled gradient echo (FLASH / SPGR): short TR and TE, eq. 2 with MT = 0.
+        "spgr": {
+            "te": Uniform(0.002, 0.010),
+            "tr": Uniform(0.005, 0.030),
+            "flip": Degrees(Uniform(5.0, 40.0)),
         },
     },
 }
@@ -183,8 +254,8 @@ class SequenceSample:
     preset: str = "custom"
 
     def __post_init__(self) -> None:
-        if self.name not in SEQUENCES:
-            raise ValueError(f"unknown sequence {self.name!r}; expected one of {SEQUENCES}")
+        if self.name not in ALL_SEQUENCES:
+            raise ValueError(f"unknown sequence {self.name!r}; expected one of {ALL_SEQUENCES}")
         object.__setattr__(self, "params", {k: float(v) for k, v in dict(self.params).items()})
 
     def to_dict(self) -> dict[str, object]:
@@ -201,10 +272,12 @@ class SequenceSample:
 
     def __str__(self) -> str:
         def fmt(k: str, v: float) -> str:
-            if k == "flip":
-                return f"flip={math.degrees(v):.1f}deg"
+            if k.startswith("flip"):
+                return f"{k}={math.degrees(v):.1f}deg"
             if k == "n":
                 return f"n={int(v)}"
+            if k == "efficiency":
+                return f"{k}={v:.3f}"
             return f"{k}={v * 1000:.1f}ms"
 
         return f"{self.name.upper()}(" + ", ".join(fmt(k, v) for k, v in sorted(self.params.items())) + ")"
@@ -218,9 +291,9 @@ def _check_preset(preset: str) -> dict[str, dict[str, Distribution]]:
 
 def _check_names(sequences: Sequence[str]) -> tuple[str, ...]:
     names = tuple(s.lower() for s in sequences)
-    bad = [s for s in names if s not in SEQUENCES]
+    bad = [s for s in names if s not in ALL_SEQUENCES]
     if bad or not names:
-        raise ValueError(f"unknown or empty sequence list {list(sequences)}; choose from {SEQUENCES}")
+        raise ValueError(f"unknown or empty sequence list {list(sequences)}; choose from {ALL_SEQUENCES}")
     return names
 
 
@@ -234,9 +307,10 @@ def sample_sequence(
     """Sample one protocol.
 
     Args:
-        name: the sequence to sample; ``None`` picks one of ``sequences`` with equal probability.
+        name: the sequence to sample (one of :data:`ALL_SEQUENCES`); ``None`` picks one of ``sequences`` with
+            equal probability.
         preset: ``"paper"`` or ``"clinical"``.
-        sequences: candidates when ``name`` is None.
+        sequences: candidates when ``name`` is None (default: the paper's four, :data:`SEQUENCES`).
         generator: an int seed or a ``torch.Generator`` (``None``: non-deterministic).
     """
     table = _check_preset(preset)
@@ -271,6 +345,13 @@ def sample_distinct_sequences(
     return [sample_sequence(names[i], preset=preset, generator=g) for i in order]
 
 
+def _mprage_model(mprage_model: str | None) -> str:
+    model = MPRAGE_MODEL if mprage_model is None else mprage_model
+    if model not in MPRAGE_MODELS:
+        raise ValueError(f"unknown MPRAGE model {model!r}; expected one of {MPRAGE_MODELS}")
+    return model
+
+
 def simulate(
     sample: SequenceSample,
     pd: torch.Tensor,
@@ -280,12 +361,18 @@ def simulate(
     *,
     r2: torch.Tensor | None = None,
     b1: torch.Tensor | float = 1.0,
+    mprage_model: str | None = None,
 ) -> torch.Tensor:
     """Noise-free magnitude image of ``sample`` from qMRI maps (PD fraction, R1/R2*/R2 in 1/s, MT fraction).
 
-    FSE and FLAIR use the R2 map when one is given, else R2* (NOTES.md). NaN/inf are replaced by 0 and the
-    absolute value is taken (a magnitude image).
+    FSE and FLAIR use the R2 map when one is given, else R2* (NOTES.md). MPRAGE is played with its inversion
+    pulse (:func:`custom.physics.mprage_inversion`, efficiency ``params["efficiency"]``, 1.0 for records that
+    have none) unless ``mprage_model`` (default :data:`MPRAGE_MODEL`) is ``"eq4"``, paper eq. 4 as printed
+    (:func:`custom.physics.mprage`, which ignores the efficiency). Neither has T2* decay. MP2RAGE is the PD-scaled,
+    non-negative UNI image (:func:`custom.physics.mp2rage`); SPGR is eq. 2 with MT = 0. NaN/inf are replaced by 0
+    and the absolute value is taken (a magnitude image).
     """
+    model = _mprage_model(mprage_model)
     p = sample.params
     if sample.name == "fse":
         out = physics.fse(pd, r1, r2 if r2 is not None else r2s, tr=p["tr"], te=p["te"], b1=b1)
@@ -294,6 +381,14 @@ def simulate(
     elif sample.name == "gre":
         mt_map = mt if mt is not None else torch.zeros_like(pd)
         out = physics.gre(pd, r1, r2s, mt_map, tr=p["tr"], te=p["te"], flip=p["flip"], b1=b1)
+    elif sample.name == "spgr":
+        out = physics.gre(pd, r1, r2s, torch.zeros_like(pd), tr=p["tr"], te=p["te"], flip=p["flip"], b1=b1)
+    elif sample.name == "mp2rage":
+        keys = ("tr", "ti1", "ti2", "tx", "flip1", "flip2", "n")
+        out = physics.mp2rage(pd, r1, **{k: p[k] for k in keys}, efficiency=p.get("efficiency", 1.0), b1=b1)
+    elif model == "inversion":
+        timing = {k: p[k] for k in ("tr", "ti", "tx", "flip", "n")}
+        out = physics.mprage_inversion(pd, r1, **timing, efficiency=p.get("efficiency", 1.0), b1=b1)
     else:
         td = p.get("td", physics.mprage_delay_time(p["tr"], p["ti"], p["tx"], p["n"]))
         out = physics.mprage(pd, r1, tr=p["tr"], tx=p["tx"], td=td, flip=p["flip"], n=p["n"], b1=b1)

@@ -134,9 +134,13 @@ def _deg(x: float) -> float:
     return math.radians(x)
 
 
-def _mprage(name: str, tr: float, ti: float, tx: float, te: float, flip_deg: float, n: int) -> SequenceSample:
+def _mprage(
+    name: str, tr: float, ti: float, tx: float, te: float, flip_deg: float, n: int, efficiency: float = 0.95
+) -> SequenceSample:
+    """A fixed MPRAGE protocol, simulated with its inversion pulse (``efficiency``: Mz -> -efficiency Mz)."""
     td = physics.mprage_delay_time(tr, ti, tx, n)
     params = {"tr": tr, "ti": ti, "tx": tx, "te": te, "flip": _deg(flip_deg), "n": float(n), "td": td}
+    params["efficiency"] = efficiency
     return SequenceSample("mprage", params, preset=name)
 
 
@@ -173,8 +177,9 @@ SITE_PROTOCOLS: dict[str, SiteProtocol] = {
     # Real IXI: Guys Philips 1.5 T, HH Philips 3 T, IOP GE 1.5 T; T1 3D gradient echo, T2 and PD from a
     # dual-echo FSE. Tissue values here are the 3 T ones for every site; the sites differ in protocol, noise,
     # bias field and intensity scale. T1w: WM > GM > CSF; T2w: CSF > GM > WM; PDw: CSF >= GM > WM, low contrast.
-    # The MPRAGE of eq. 4 has no inversion term, so its WM/GM contrast stays near 1.17 for any plausible timing
-    # (flip 7 deg, n = 128, long TI give the most); the GRE protocols reach about 1.27-1.31.
+    # The MPRAGE protocols (IOP T1, ARC T1w) are played with the inversion pulse (efficiency 0.95,
+    # custom.physics.mprage_inversion): WM/GM about 1.55 and CSF/GM about 0.37 at the tissue means (eq. 4 gave
+    # 1.17-1.19 and 0.7); the GRE protocols reach about 1.27-1.31 WM/GM.
     "Guys": SiteProtocol(
         scanner="Philips-like 1.5 T: T1 spoiled 3D GRE, T2/PD dual-echo FSE",
         sequences={
