@@ -80,7 +80,16 @@ class PretrainingTrainer(SupervisedTrainer):
             pred1, pred2 = (None, None) if recon is None else (recon[:batch_size], recon[batch_size:])
             engine.state.output.update({"pred1": pred1, "pred2": pred2, Keys.PRED: pred1, "z1": z1, "z2": z2})
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            terms = engine.loss_function(z1, z2, pred1, pred2, target1, target2)
+            extra = {}
+            if getattr(engine.loss_function, "dense", None) is not None:
+                maps = out["maps"]
+                extra = {
+                    "maps1": [m[:batch_size] for m in maps],
+                    "maps2": [m[batch_size:] for m in maps],
+                    "affine1": engine._to_device(batchdata, f"{engine.view_keys[0]}_affine"),
+                    "affine2": engine._to_device(batchdata, f"{engine.view_keys[1]}_affine"),
+                }
+            terms = engine.loss_function(z1, z2, pred1, pred2, target1, target2, **extra)
             engine.state.output.update({Keys.LOSS: terms["loss"], **{k: v for k, v in terms.items() if k != "loss"}})
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
@@ -108,7 +117,7 @@ class PretrainingTrainer(SupervisedTrainer):
         stats = similarity_stats([engine.state.output["z1"].detach(), engine.state.output["z2"].detach()])
         engine.state.output.update(stats)
         engine.state.output["lr"] = float(engine.optimizer.param_groups[0]["lr"])
-        for key in ("loss", "contrastive", "reconstruction"):
+        for key in ("loss", "contrastive", "reconstruction", "dense"):
             value = engine.state.output.get(key)
             if isinstance(value, torch.Tensor):
                 engine.state.output[key] = value.detach()
@@ -116,7 +125,7 @@ class PretrainingTrainer(SupervisedTrainer):
         return engine.state.output
 
 
-LOGGED_SCALARS = ("loss", "contrastive", "reconstruction", "pos_cosine", "neg_cosine", "embedding_std", "lr")
+LOGGED_SCALARS = ("loss", "contrastive", "reconstruction", "dense", "pos_cosine", "neg_cosine", "embedding_std", "lr")
 
 
 def scalars_to_log(output: dict) -> dict[str, float]:

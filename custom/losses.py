@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from custom.dense import DenseContrastiveLoss
+
 __all__ = ["NTXentLoss", "PretrainingLoss", "similarity_stats"]
 
 Views = torch.Tensor | Sequence[torch.Tensor]
@@ -249,6 +251,9 @@ class PretrainingLoss(nn.Module):
         reconstruction: whether the reconstruction term is used; when False (or when no reconstructions are
             passed) the ``"reconstruction"`` entry is a zero tensor and is not added to the total.
         gather_distributed: passed to :class:`NTXentLoss`.
+        dense_weight: weight of the optional dense cross-view term (:class:`custom.dense.DenseContrastiveLoss`;
+            not in the paper; 0 = off). It needs the views' feature maps and affines (``forward`` kwargs).
+        dense_level, dense_points: encoder level and sampled locations per sample of the dense term.
     """
 
     def __init__(
@@ -258,8 +263,19 @@ class PretrainingLoss(nn.Module):
         reconstruction_weight: float = 1.0,
         reconstruction: bool = True,
         gather_distributed: bool = True,
+        dense_weight: float = 0.0,
+        dense_level: int = -2,
+        dense_points: int = 64,
     ) -> None:
         super().__init__()
+        if dense_weight < 0:
+            raise ValueError(f"dense_weight must be non-negative, got {dense_weight}")
+        self.dense_weight = float(dense_weight)
+        self.dense = (
+            DenseContrastiveLoss(level=dense_level, points=dense_points, temperature=temperature)
+            if self.dense_weight > 0
+            else None
+        )
         if contrastive_weight < 0 or reconstruction_weight < 0:
             raise ValueError(
                 f"loss weights must be non-negative, got contrastive_weight={contrastive_weight}, "
@@ -290,6 +306,11 @@ class PretrainingLoss(nn.Module):
         recon2: torch.Tensor | None = None,
         target1: torch.Tensor | None = None,
         target2: torch.Tensor | None = None,
+        *,
+        maps1: Sequence[torch.Tensor] | None = None,
+        maps2: Sequence[torch.Tensor] | None = None,
+        affine1: torch.Tensor | None = None,
+        affine2: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Compute the objective.
 
@@ -297,10 +318,12 @@ class PretrainingLoss(nn.Module):
             z1, z2: projections of the two views, ``(B, D)``.
             recon1, recon2: reconstructions of the two views (any matching shapes), or None.
             target1, target2: clean targets with the shapes of ``recon1`` / ``recon2``.
+            maps1, maps2, affine1, affine2: every encoder level's map of each view and the views' ``(B, 4, 4)``
+                voxel-to-volume affines; needed only when ``dense_weight > 0``.
 
         Returns:
             ``{"loss": total, "contrastive": NT-Xent, "reconstruction": L1(recon1) + L1(recon2)}`` (unweighted
-            terms; ``loss`` is the weighted sum).
+            terms; ``loss`` is the weighted sum), plus ``"dense"`` when the dense term is on.
 
         Raises:
             ValueError: reconstruction is on and only one reconstruction is given, a target is missing, or a
@@ -317,4 +340,11 @@ class PretrainingLoss(nn.Module):
             total = total + self.reconstruction_weight * reconstruction
         else:
             reconstruction = torch.zeros((), device=contrastive.device, dtype=contrastive.dtype)
-        return {"loss": total, "contrastive": contrastive, "reconstruction": reconstruction}
+        terms = {"contrastive": contrastive, "reconstruction": reconstruction}
+        if self.dense is not None:
+            if maps1 is None or maps2 is None or affine1 is None or affine2 is None:
+                raise ValueError("dense_weight > 0: pass maps1, maps2, affine1 and affine2 (the views' affines)")
+            with torch.autocast(device_type=contrastive.device.type, enabled=False):
+                terms["dense"] = self.dense(list(maps1), list(maps2), affine1, affine2)
+            total = total + self.dense_weight * terms["dense"]
+        return {"loss": total, **terms}

@@ -360,7 +360,8 @@ class PretrainingModel(nn.Module):
     * ``"z"``: projected embedding for the NT-Xent loss, ``(B, proj_dim)``;
     * ``"h"``: global-average-pooled deepest encoder features, ``(B, features[-1])``;
     * ``"recon"``: reconstruction of the (clean) image, ``(B, in_channels, *S)``, or ``None`` when
-      ``reconstruction=False`` (then ``self.reconstructor`` is ``None`` too).
+      ``reconstruction=False`` (then ``self.reconstructor`` is ``None`` too);
+    * ``"maps"``: every encoder level's feature map (for the optional dense term, :mod:`custom.dense`).
 
     ``proj_norm="batch"`` adds a BatchNorm to the projector (see :class:`Projector`; not in the paper).
 
@@ -399,9 +400,10 @@ class PretrainingModel(nn.Module):
                 self.encoder.out_channels, recon_features, in_channels, norm, act, spatial_dims
             )
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """``(B, C, *S) -> {"z": (B, proj_dim), "h": (B, features[-1]), "recon": (B, C, *S) or None}``."""
-        deepest = self.encoder(x)[-1]
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        """``(B, C, *S) -> {"z": (B, proj_dim), "h": (B, features[-1]), "recon": (B, C, *S) or None, "maps"}``."""
+        maps = self.encoder(x)
+        deepest = maps[-1]
         h = Encoder.global_pool(deepest)
         z = self.projector(h)
         recon = None
@@ -409,7 +411,7 @@ class PretrainingModel(nn.Module):
             recon = self.reconstructor(deepest)
             if recon.shape[2:] != x.shape[2:]:  # cannot happen with the checks above; guard against edits
                 raise RuntimeError(f"reconstruction shape {tuple(recon.shape)} != input shape {tuple(x.shape)}")
-        return {"z": z, "h": h, "recon": recon}
+        return {"z": z, "h": h, "recon": recon, "maps": maps}
 
 
 class UpBlock(nn.Module):

@@ -56,7 +56,8 @@ from monai.utils import MAX_SEED, ensure_tuple, ensure_tuple_rep
 
 from custom import physics
 from custom.errors import InputError
-from custom.sequences import SEQUENCES, SequenceSample, sample_distinct_sequences, sample_sequence, simulate
+from custom.intensity import VIEW_NORMS, clip_to_percentiles, normalise_view, zscore
+from custom.sequences import PARAM_NAMES, SEQUENCES, SequenceSample, sample_distinct_sequences, sample_sequence, simulate
 
 __all__ = [
     "PARAM_NAMES",
@@ -75,8 +76,8 @@ __all__ = [
     "mri_augmentations",
 ]
 
-PARAM_NAMES: tuple[str, ...] = ("tr", "te", "ti", "tx", "td", "flip", "n")
-"""Every protocol parameter name of :mod:`custom.sequences` (times in s, ``flip`` in rad, ``n`` a count)."""
+# PARAM_NAMES (re-exported): every protocol parameter name of :mod:`custom.sequences` (times in s, angles in rad,
+# ``n`` a count, ``efficiency`` a fraction); kept in one place so a new sequence family cannot break collation.
 
 MAP_KEYS: tuple[str, ...] = ("pd", "r1", "r2s", "mt")
 """Default data keys of the separate qMRI maps (PD, R1, R2*, MT); channel order of a 4-channel qMRI image."""
@@ -130,6 +131,14 @@ def _like(x: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
         meta = {k: v for k, v in ref.meta.items() if k != "affine"}
         return MetaTensor(x, affine=ref.affine.clone(), meta=meta)
     return MetaTensor(x)
+
+
+def _view_affine(view: torch.Tensor) -> torch.Tensor:
+    """The ``(4, 4)`` float64 voxel-to-volume affine of a view (identity when metadata tracking is off)."""
+    affine = getattr(view, "affine", None)
+    if affine is None:
+        return torch.eye(4, dtype=torch.float64)
+    return torch.as_tensor(_plain(affine), dtype=torch.float64).clone()
 
 
 def _as_meta(x: torch.Tensor) -> torch.Tensor:
@@ -871,8 +880,9 @@ class ContrastiveViewsd(MapTransform, RandomizableTransform):
     image would be empty are redrawn (same sequence type; see :func:`_draw_protocol`).
 
     Outputs: ``view_keys`` (default ``image1``, ``image2``), ``recon_keys`` (default ``image1_recon``,
-    ``image2_recon``), each ``(1, *patch_size)`` float32 on the input's device, and
-    ``f"{view_key}_sequence"`` records (:func:`sequence_record`; also in each view's ``meta["sequence"]``).
+    ``image2_recon``), each ``(1, *patch_size)`` float32 on the input's device, ``f"{view_key}_affine"``
+    (``(4, 4)`` float64: the view's voxel coordinates to the subject volume's voxel coordinates, for
+    :mod:`custom.dense`), and ``f"{view_key}_sequence"`` records (:func:`sequence_record`; also in each view's ``meta["sequence"]``).
 
     Args:
         mode: ``"base"``, ``"seqaug"`` or ``"seqinv"``.
@@ -894,6 +904,15 @@ class ContrastiveViewsd(MapTransform, RandomizableTransform):
         shared_region: edge of the region both views are cropped from, as a multiple (>= 1) of the view crop
             (patch plus margins); ``None`` crops each view anywhere in the volume (then two views of one subject
             need not overlap at all, and NT-Xent finds little to match on).
+        clip_maps: ``(low, high)`` percentiles; each qMRI map is clamped to them inside the brain region before
+            simulation (authors' code: 0.5 / 99.5), so outlier voxels do not set a view's intensity range;
+            ``None`` leaves the maps as they are.
+        view_norm: ``"histeq"`` (authors' pipeline, :func:`custom.intensity.normalise_view`): each view's
+            simulated crop is rescaled by its own 0.5th / 95th percentiles to [0, 1] and histogram-equalised,
+            before the spatial augmentations; ``"robust_max"``: divided by the whole volume's 99.5th percentile
+            inside the brain (this project's earlier pipeline).
+        zscore: z-score each view AND its reconstruction target after the augmentations (authors' code), so the
+            network input and the L1 target have zero mean and unit variance per view.
     """
 
     def __init__(
@@ -917,7 +936,22 @@ class ContrastiveViewsd(MapTransform, RandomizableTransform):
         max_tries: int = 10,
         empty_threshold: float = 1e-6,
         shared_region: float | None = 1.2,
+        clip_maps: Sequence[float] | None = (0.5, 99.5),
+        view_norm: str = "histeq",
+        zscore: bool = True,
     ) -> None:
+        if mode not in _MODES:
+            raise InputError(f"mode must be one of {_MODES}, got {mode!r}")
+        if view_norm not in VIEW_NORMS:
+            raise InputError(f"view_norm must be one of {VIEW_NORMS}, got {view_norm!r}")
+        if clip_maps is not None:
+            low, high = (float(v) for v in clip_maps)
+            if not 0.0 <= low < high <= 100.0:
+                raise InputError(f"clip_maps must be two percentiles 0 <= low < high <= 100, got {list(clip_maps)}")
+            clip_maps = (low, high)
+        self.clip_maps = clip_maps
+        self.view_norm = view_norm
+        self.zscore = bool(zscore)
         if mode not in _MODES:
             raise InputError(f"mode must be one of {_MODES}, got {mode!r}")
         keys = [qmri_key] if qmri_key is not None else list(map_keys)
@@ -1048,19 +1082,37 @@ class ContrastiveViewsd(MapTransform, RandomizableTransform):
         cropped = self.augment.crop(dict(region))
         if src.sample is None:
             ref = cropped[_IMAGE]
-            clean = _plain(ref).float() / src.scale
+            image = _plain(ref).float()
         else:
             maps = QMRIMaps.from_dict({k: cropped[k] for k in QMRIMaps.NAMES if k in cropped})
             ref = maps.pd
             offset = _voxel_offset(inputs["pd"], ref)
             kw: dict[str, Any] = {"offset": offset, "full_shape": full} if offset is not None else {}
             b1 = self._b1_field(src.b1_coeffs, maps.spatial_shape, _plain(ref), **kw)
-            clean = maps.simulate(src.sample, b1) / src.scale
+            image = maps.simulate(src.sample, b1)
+        clean = normalise_view(image, self.view_norm, src.scale)
+        # the target is taken after the spatial and before the intensity augmentations (authors' code)
         target = self.augment.spatial({_IMAGE: _like(clean.float(), ref)})[_IMAGE]
         view = self.augment.artefacts({_IMAGE: target})[_IMAGE]
         if view is target:  # every artefact skipped: keep the two outputs distinct tensors
             view = target.clone()
+        if self.zscore:
+            view, target = (_like(zscore(t), t) for t in (view, target))
         return view, target
+
+    def _clipped(self, maps: QMRIMaps, mask: torch.Tensor | None) -> QMRIMaps:
+        """The maps clamped to their ``clip_maps`` percentiles inside the brain region (background kept)."""
+        if self.clip_maps is None:
+            return maps
+        region = _region(maps.pd, mask)
+        low, high = self.clip_maps
+
+        def clip(m: torch.Tensor) -> torch.Tensor:
+            plain = _plain(m)
+            inside = region.expand_as(plain)
+            return _like(torch.where(inside, clip_to_percentiles(plain, low, high, inside), plain), m)
+
+        return maps.map(clip)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -1076,7 +1128,7 @@ class ContrastiveViewsd(MapTransform, RandomizableTransform):
             inputs = {_IMAGE: _as_meta(real)}
             full = tuple(real.shape[1:])
         else:
-            maps = QMRIMaps.from_data(d, self.map_keys, self.qmri_key, self.r2_key)
+            maps = self._clipped(QMRIMaps.from_data(d, self.map_keys, self.qmri_key, self.r2_key), mask)
             sources = self._simulated_sources(maps, mask)
             inputs = {k: _as_meta(v) for k, v in maps.as_dict().items()}
             full = maps.spatial_shape
@@ -1089,6 +1141,8 @@ class ContrastiveViewsd(MapTransform, RandomizableTransform):
                     t.meta["sequence"] = dict(record)
             d[vkey], d[rkey] = view, target
             d[f"{vkey}_sequence"] = record
+            # voxel-to-volume affine of the view (crop, rotation, shear, flips), for the dense term's correspondence
+            d[f"{vkey}_affine"] = _view_affine(view)
         if not self.keep_inputs:
             for key in (*self.keys, self.r2_key, self.mprage_key, self.mask_key):
                 if key is not None:

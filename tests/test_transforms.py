@@ -272,7 +272,16 @@ def test_crop_then_simulate_equals_simulate_then_crop():
     """A view target equals the matching crop of the full simulated image (B1 defined on the whole volume)."""
     data = phantom(meta=True)
     aug = {**no_augment(), "margin": 0}
-    t = T.ContrastiveViewsd(mode="seqaug", patch_size=(12, 14, 10), b1_field=0.2, augment=aug)
+    # a linear normalisation (and no map clipping) keeps the crop an exact multiple of the full image
+    t = T.ContrastiveViewsd(
+        mode="seqaug",
+        patch_size=(12, 14, 10),
+        b1_field=0.2,
+        augment=aug,
+        view_norm="robust_max",
+        zscore=False,
+        clip_maps=None,
+    )
     t.set_random_state(2)
     out = t(dict(data))
     record = out["image1_sequence"]
@@ -317,7 +326,8 @@ def test_base_mode_uses_mprage():
         assert out["image1_sequence"] == pytest.approx(out["image2_sequence"], nan_ok=True)
     # a real MPRAGE given under mprage_key is used instead: a constant image gives constant targets
     real = {**data, "t1": torch.full((1, N, N, N), 7.0)}
-    out = views("base", 0, real, mprage_key="t1", augment={"affine_prob": 0.0})
+    linear = {"view_norm": "robust_max", "zscore": False}  # a linear scale keeps a constant image constant
+    out = views("base", 0, real, mprage_key="t1", augment={"affine_prob": 0.0}, **linear)
     assert torch.allclose(out["image1_recon"], torch.ones_like(out["image1_recon"]))
     assert torch.allclose(out["image2_recon"], torch.ones_like(out["image2_recon"]))
     assert out["image1_sequence"]["preset"] == "real" and "t1" not in out
@@ -418,3 +428,46 @@ def test_outputs_stay_on_cuda():
     aug = T.mri_augmentations(("image",), patch_size=12)
     res = aug({"image": torch.rand(1, 20, 20, 20, device="cuda")})
     assert res["image"].device.type == "cuda"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The authors' view normalisation (percentile rescale, histogram equalisation, z-score; map clipping)
+# ------------------------------------------------------------------------------------------------------------
+def test_histeq_views_and_targets_are_zscored_and_equalised():
+    for mode in ("base", "seqaug", "seqinv"):
+        out = views(mode, 4)
+        for key in ("image1", "image2", "image1_recon", "image2_recon"):
+            x = out[key].as_tensor()
+            assert abs(float(x.mean())) < 1e-4 and abs(float(x.std(unbiased=False)) - 1.0) < 1e-3, key
+    # without z-scoring and augmentation the target is the equalised image: values in [0, 1], both ends used
+    out = views("seqinv", 4, augment={**no_augment(), "margin": 0}, zscore=False)
+    t = out["image1_recon"].as_tensor()
+    assert float(t.min()) == 0.0 and float(t.max()) == pytest.approx(1.0)
+    # equalisation flattens the histogram of the non-background voxels (vs. a linear scale)
+    lin = views("seqinv", 4, augment={**no_augment(), "margin": 0}, zscore=False, view_norm="robust_max")
+    lin_t = lin["image1_recon"].as_tensor()
+    lin_t = lin_t / lin_t.max()
+
+    def spread(x: torch.Tensor) -> float:
+        v = x[x > 0]
+        hist = torch.histc(v, bins=4, min=0.0, max=1.0) / v.numel()
+        return float(hist.max() - hist.min())
+
+    assert spread(t) < spread(lin_t)
+
+
+def test_clip_maps_clamps_outliers_inside_the_brain_only():
+    data = phantom()
+    data["r1"][0, 10, 10, 10] = 500.0  # one outlier voxel inside the phantom
+    t = T.ContrastiveViewsd(mode="seqinv", patch_size=PATCH)
+    maps = T.QMRIMaps.from_data(data, T.MAP_KEYS, None, "r2")
+    clipped = t._clipped(maps, None)
+    assert float(clipped.r1.max()) < 100.0
+    background = maps.pd == 0
+    assert torch.equal(clipped.r1[background], maps.r1[background])
+    off = T.ContrastiveViewsd(mode="seqinv", patch_size=PATCH, clip_maps=None)._clipped(maps, None)
+    assert float(off.r1.max()) == 500.0
+    with pytest.raises(Exception, match="clip_maps"):
+        T.ContrastiveViewsd(mode="seqinv", clip_maps=(99.0, 1.0))
+    with pytest.raises(Exception, match="view_norm"):
+        T.ContrastiveViewsd(mode="seqinv", view_norm="minmax")
