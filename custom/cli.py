@@ -3,7 +3,9 @@
 Commands:
     seqinv synth --out data/synthetic --subjects 4 --seed 0 [--resolution 2] [--preview]
     seqinv simulate --sequence mprage --preset clinical --seed 0   (print one sampled protocol)
-    seqinv invariance --weights bundles/seqinv_pretrain/models/model.pt --dataset_dir data/heldout/qmri --split all
+    seqinv invariance --weights bundles/seqinv_pretrain/models/model.pt --dataset_dir data/heldout/qmri \
+        [--encoders "{'base': 'base/model.pt'}"] [--output_dir out/probe]   (linear probe + baselines)
+    seqinv invariance --retrieval_only --weights ... --features "[8,16,32,64,96]" --split all   (retrieval alone)
     seqinv check bundles/ixi_tissue_seg                       (metadata against the bundle specification)
     seqinv package bundles/ixi_tissue_seg --out dist/         (deterministic zip + dist/model_info.json)
     seqinv verify X/ixi_tissue_seg.zip --model_info dist/model_info.json
@@ -68,51 +70,124 @@ class Commands:
         self,
         weights: str | None = None,
         dataset_dir: str = "data/synthetic/qmri",
+        encoders: dict[str, str] | None = None,
+        retrieval_only: bool = False,
+        output_dir: str | None = None,
+        fit_subjects: int = 6,
+        test_subjects: int = 6,
+        remove_position: bool = True,
+        max_shift: int = 12,
+        normalize: str = "zscore",
+        baselines: str | tuple[str, ...] | list[str] = ("position", "intensity", "random"),
+        test_voxels: int | None = None,
+        voxel_standardize: bool = False,
         features: tuple[int, ...] | list[int] = (64, 128, 256, 512, 768),
         k: int = 8,
         preset: str = "clinical",
-        split: str = "validation",
+        split: str | None = None,
         val_fraction: float = 0.2,
         seed: int = 0,
         noise: float = 0.01,
         roi_mm: float | None = 128.0,
+        jitter_mm: float = 0.0,
         compare_random: bool = True,
         output_json: str | None = None,
         device: str | None = None,
+        quiet: bool = False,
     ) -> None:
-        """Cross-sequence retrieval: is the nearest embedding under another sequence the same subject?
+        """Sequence invariance of encoders: cross-contrast linear tissue probe, dense consistency and retrieval.
 
-        Embeds each subject under ``k`` simulated protocols and reports top-1 retrieval accuracy and the ratio of
-        same-subject to different-subject distances, for the given encoder weights and a random-init encoder.
+        By default runs :func:`custom.probe.run_probe`: a GM/WM/CSF logistic-regression probe on the voxel
+        features (all encoder levels), fit on ``fit_subjects`` subjects under one contrast and scored (balanced
+        accuracy) on ``test_subjects`` others under every contrast of a 7-contrast panel, with position cues
+        removed (random flips and shifts); plus dense feature consistency and cross-sequence retrieval, for the
+        given encoders and the ``position``, ``intensity`` and ``random`` baselines. The subject folders need
+        ``*_labels`` tissue maps (``seqinv synth`` writes them). With ``--retrieval_only`` runs the earlier
+        label-free retrieval evaluation (:func:`custom.invariance.run_invariance`) alone.
 
         Args:
-            weights: encoder weights (``models/model.pt``, a checkpoint, or a bundle folder); none: random init.
+            weights: encoder weights (``models/model.pt``, a checkpoint, or a bundle folder), labelled
+                ``pretrained``; none: baselines only (probe) / a random-init encoder (retrieval).
             dataset_dir: folder of qMRI subject folders.
-            features: encoder widths the weights were trained with, e.g. ``"[8,16,32,64,96]"``.
-            k: protocols per subject (sequence types round-robin). preset: ``clinical`` or ``paper``.
-            split: ``all`` subjects of the folder, or the pretraining datalist's ``validation`` split.
-            val_fraction, seed: the split (as in the pretraining bundle).
-            noise: Rician noise sigma on the normalised images. roi_mm: edge of the embedded cube, mm.
-            compare_random: also evaluate a random-init encoder in the same run.
-            output_json: write the results there.
+            encoders: more encoders for the probe, e.g. ``"{'base': 'runs/base/model.pt'}"``.
+            retrieval_only: run only the retrieval evaluation (the behaviour before the probe existed).
+            output_dir: probe outputs (``probe.json``, ``probe.md``, ``probe.png``); none: printed only.
+            fit_subjects, test_subjects: the first / next subject folders (sorted) that fit / test the probe.
+            remove_position, max_shift: random flips and shifts (voxels) that remove position cues.
+            normalize: ``zscore`` (inside the brain; default), ``percentile`` or ``none``.
+            baselines: probe baselines, e.g. ``position,intensity``; ``""`` for none.
+            test_voxels: scored voxels per test subject (default: all brain voxels).
+            voxel_standardize: standardise each level's feature vector per voxel before the probe.
+            features: encoder widths: of the random baseline when no weights are given (probe; else read from
+                the weights), of the weights (retrieval), e.g. ``"[8,16,32,64,96]"``.
+            k, preset, split, val_fraction, roi_mm, jitter_mm, compare_random, output_json: retrieval only
+                (``split`` defaults to ``validation``; the probe takes every subject folder of ``dataset_dir``).
+            seed: seeds protocols, noise, flips/shifts, voxel samples, random init and bootstrap.
+            noise: Rician noise sigma on the normalised images.
             device: ``cuda`` or ``cpu`` (default: cuda when available).
+            quiet: no progress bars.
         """
-        from custom.invariance import run_invariance
+        if retrieval_only:
+            from custom.invariance import run_invariance
 
-        run_invariance(
-            weights,
+            run_invariance(
+                weights,
+                dataset_dir,
+                features=tuple(int(f) for f in features),
+                k=int(k),
+                preset=preset,
+                seed=int(seed),
+                device=device,
+                output_json=output_json,
+                split=split or "validation",
+                compare_random=bool(compare_random),
+                noise=float(noise),
+                val_fraction=float(val_fraction),
+                roi_mm=None if roi_mm is None else float(roi_mm),
+                jitter_mm=float(jitter_mm),
+                progress=not quiet,
+            )
+            return
+        from custom.probe import run_probe
+
+        if split not in (None, "all"):
+            raise CommandError(
+                f"--split {split} applies to --retrieval_only; the probe takes every subject folder of --dataset_dir "
+                "(the first --fit_subjects fit the probe, the next --test_subjects test it)"
+            )
+        if output_json is not None:
+            raise CommandError("--output_json applies to --retrieval_only; the probe writes into --output_dir")
+        if encoders is not None and not isinstance(encoders, dict):
+            raise CommandError(
+                f"--encoders must be a dict of name -> weights, e.g. \"{{'base': 'model.pt'}}\"; got {encoders!r}"
+            )
+        if isinstance(baselines, str):
+            baselines = tuple(b.strip() for b in baselines.split(",") if b.strip())
+        chosen: dict[str, str] = {}
+        if weights is not None:
+            chosen["pretrained"] = str(weights)
+        for name, path in (encoders or {}).items():
+            if str(name) in chosen:
+                raise CommandError(f"encoder name {name!r} is used twice (--weights is labelled 'pretrained')")
+            chosen[str(name)] = str(path)
+        run_probe(
+            chosen,
             dataset_dir,
-            features=tuple(int(f) for f in features),
-            k=int(k),
-            preset=preset,
+            fit_subjects=int(fit_subjects),
+            test_subjects=int(test_subjects),
             seed=int(seed),
-            device=device,
-            output_json=output_json,
-            split=split,
-            compare_random=bool(compare_random),
+            features=tuple(int(f) for f in features),
+            output_dir=output_dir,
+            baselines=tuple(str(b) for b in baselines),
+            remove_position=bool(remove_position),
+            max_shift=int(max_shift),
+            normalize=str(normalize),
             noise=float(noise),
-            val_fraction=float(val_fraction),
-            roi_mm=None if roi_mm is None else float(roi_mm),
+            preset=preset,
+            test_voxels=None if test_voxels is None else int(test_voxels),
+            voxel_standardize=bool(voxel_standardize),
+            device=device,
+            progress=not quiet,
         )
 
     def simulate(self, sequence: str | None = None, preset: str = "paper", seed: int = 0) -> None:

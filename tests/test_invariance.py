@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -165,6 +166,20 @@ def test_contrast_only_encoder_scores_chance(subjects: list[dict[str, str]]) -> 
     assert noisy.top1 <= 0.5
 
 
+def test_position_jitter_is_off_by_default(subjects: list[dict[str, str]]) -> None:
+    """Every protocol's cube sits at the same place unless jitter_mm asks otherwise (on the synthetic data a jitter
+    of a few mm is as large as the anatomical differences retrieval relies on)."""
+    assert inspect.signature(evaluate_invariance).parameters["jitter_mm"].default == 0.0
+    assert inspect.signature(run_invariance).parameters["jitter_mm"].default == 0.0
+    exact = evaluate_invariance(ContrastEncoder(), subjects, k=4, noise=0.0, b1_field=0.0, progress=False)
+    assert exact.top1 == pytest.approx(exact.chance_top1)
+    cube = {"k": 4, "noise": 0.0, "b1_field": 0.0, "roi_mm": 40.0, "progress": False}  # 20 of the 32 voxels
+    jittered = evaluate_invariance(AnatomyEncoder(), subjects, jitter_mm=8.0, **cube)
+    still = evaluate_invariance(AnatomyEncoder(), subjects, **cube)
+    assert still.same_subject_distance == pytest.approx(0.0, abs=1e-9)  # same cube, same outline: identical
+    assert jittered.same_subject_distance > 1e-6
+
+
 def test_random_tiny_encoder_end_to_end(subjects: list[dict[str, str]]) -> None:
     torch.manual_seed(0)
     result = evaluate_invariance(Encoder(features=TINY), subjects[:3], k=4, progress=False)
@@ -193,6 +208,7 @@ def test_run_invariance_writes_json(dataset: Path, tmp_path: Path, capsys: pytes
         subjects_limit=3, progress=False,
     )  # fmt: skip
     assert json.loads(out.read_text()) == json.loads(json.dumps(record))
+    assert record["jitter_mm"] == 0.0 and record["roi_mm"] == 128.0
     assert record["n_subjects"] == 3 and record["subjects"] == ["sub-001", "sub-002", "sub-003"]
     assert set(record["results"]) == {"pretrained", "random init"}
     for r in record["results"].values():
