@@ -62,6 +62,7 @@ from custom.data.qmri import LoadQMRId
 from custom.data.qmri_datalist import find_qmri_subjects
 from custom.data.synthetic import SITE_PROTOCOLS
 from custom.errors import InputError
+from custom.intensity import histogram_equalise, percentile_rescale
 from custom.invariance import cross_sequence_retrieval
 from custom.io import atomic_write, atomic_write_text
 from custom.networks import PAPER_ENCODER_FEATURES, Encoder, encoder_features_of, load_encoder_weights
@@ -241,13 +242,22 @@ def normalize_image(
 ) -> torch.Tensor:
     """Intensity normalisation applied to every probe image, identically for every encoder.
 
-    ``"zscore"``: zero mean and unit standard deviation inside ``mask``; ``"percentile"``: the 99.5th percentile
+    ``"histeq"``: the pretraining views' normalisation (:mod:`custom.intensity`: 0.5 / 95 percentile rescale,
+    histogram equalisation, z-score) computed inside ``mask``; ``"zscore"``: zero mean and unit standard
+    deviation inside ``mask``; ``"percentile"``: the 99.5th percentile
     inside ``mask`` scaled to 1; both set the voxels outside ``mask`` to 0 (skull-stripped, so the zero-padded
     canvas shows no box edge). ``"none"``: unchanged. A callable ``(image, mask) -> image`` is used as it is.
     """
     if callable(method):
         return method(image, mask)
     inside = image[mask]
+    if method == "histeq":
+        # the pretraining views' normalisation (custom.intensity): 0.5/95 percentile rescale and histogram
+        # equalisation of the brain, then a z-score inside it
+        brain = histogram_equalise(percentile_rescale(inside, 0.5, 95.0))
+        out = torch.zeros_like(image)
+        out[mask] = (brain - brain.mean()) / brain.std().clamp_min(1e-8)
+        return out
     if method == "zscore":
         out = (image - inside.mean()) / inside.std().clamp_min(1e-8)
     elif method == "percentile":
@@ -255,7 +265,9 @@ def normalize_image(
     elif method == "none":
         return image
     else:
-        raise ValueError(f"unknown normalisation {method!r}; expected 'zscore', 'percentile', 'none' or a callable")
+        raise ValueError(
+            f"unknown normalisation {method!r}; expected 'histeq', 'zscore', 'percentile', 'none' or a callable"
+        )
     return torch.where(mask, out, torch.zeros_like(out))
 
 

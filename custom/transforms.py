@@ -57,7 +57,14 @@ from monai.utils import MAX_SEED, ensure_tuple, ensure_tuple_rep
 from custom import physics
 from custom.errors import InputError
 from custom.intensity import VIEW_NORMS, clip_to_percentiles, normalise_view, zscore
-from custom.sequences import PARAM_NAMES, SEQUENCES, SequenceSample, sample_distinct_sequences, sample_sequence, simulate
+from custom.sequences import (
+    PARAM_NAMES,
+    SEQUENCES,
+    SequenceSample,
+    sample_distinct_sequences,
+    sample_sequence,
+    simulate,
+)
 
 __all__ = [
     "PARAM_NAMES",
@@ -882,7 +889,8 @@ class ContrastiveViewsd(MapTransform, RandomizableTransform):
     Outputs: ``view_keys`` (default ``image1``, ``image2``), ``recon_keys`` (default ``image1_recon``,
     ``image2_recon``), each ``(1, *patch_size)`` float32 on the input's device, ``f"{view_key}_affine"``
     (``(4, 4)`` float64: the view's voxel coordinates to the subject volume's voxel coordinates, for
-    :mod:`custom.dense`), and ``f"{view_key}_sequence"`` records (:func:`sequence_record`; also in each view's ``meta["sequence"]``).
+    :mod:`custom.dense`), and ``f"{view_key}_sequence"`` records (:func:`sequence_record`; also in each view's
+    ``meta["sequence"]``).
 
     Args:
         mode: ``"base"``, ``"seqaug"`` or ``"seqinv"``.

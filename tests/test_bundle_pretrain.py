@@ -219,7 +219,13 @@ def test_paper_config_on_a_small_cpu_stops_with_a_clear_message(monkeypatch):
 
 def test_evaluate_config_reports_retrieval(qmri_dir, tmp_path):
     run_workflow(**tiny_overrides(qmri_dir, tmp_path, iterations_per_epoch=1))
-    overrides = {**tiny_overrides(qmri_dir, tmp_path), "eval_split": "all", "eval_protocols": 4, "eval_roi_mm": 96.0}
+    overrides = {
+        **tiny_overrides(qmri_dir, tmp_path),
+        "eval_split": "all",
+        "eval_protocols": 4,
+        "eval_roi_mm": 96.0,
+        "probe_dataset_dir": str(qmri_dir),
+    }
     workflow = ConfigWorkflow(
         config_file=[TRAIN, str(BUNDLE / "configs" / "evaluate.yaml")],
         workflow_type="infer",
@@ -233,6 +239,12 @@ def test_evaluate_config_reports_retrieval(qmri_dir, tmp_path):
     record = json.loads((tmp_path / "invariance.json").read_text())
     assert set(record["results"]) == {"pretrained", "random init"}
     assert 0.0 <= record["results"]["pretrained"]["top1"] <= 1.0 and record["n_subjects"] == 3
+    # the cross-contrast probe table: the encoder against the baselines, normalised as its views were (histeq)
+    probe = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    table = (tmp_path / "probe" / "probe.md").read_text()
+    for name in ("pretrained", "position", "intensity", "random"):
+        assert f"| {name} |" in table, name
+    assert "histeq" in json.dumps(probe)
 
 
 def test_augment_key_reaches_the_views_paper_by_default_light_on_cpu_small():

@@ -17,12 +17,22 @@ import torch
 from custom.errors import InputError
 from custom.io import atomic_write_text
 
-__all__ = ["DEFAULT_SYNTHETIC_ROOT", "QMRIDatasetError", "find_qmri_subjects", "qmri_datalist", "split_subjects"]
+__all__ = [
+    "DEFAULT_SYNTHETIC_ROOT",
+    "DEFAULT_HELDOUT_ROOT",
+    "QMRIDatasetError",
+    "find_qmri_subjects",
+    "heldout_qmri_dir",
+    "qmri_datalist",
+    "split_subjects",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SYNTHETIC_ROOT = Path("data/synthetic")
 """Where the bundles' embedded synthetic data lives (relative to the working directory)."""
+DEFAULT_HELDOUT_ROOT = Path("data/heldout")
+"""Where the invariance probe's held-out synthetic subjects live by default (another seed than training's)."""
 
 _NII = r"\.nii(\.gz)?$"
 # key in the datalist -> file-name pattern (matched against the name, case-insensitive); first match wins
@@ -134,3 +144,20 @@ def qmri_datalist(
     if output_json is not None:
         atomic_write_text(json.dumps(datalist, indent=2), output_json)
     return datalist
+
+
+def heldout_qmri_dir(dataset_dir: str | Path, subjects: int = 12, seed: int = 1000) -> str:
+    """``dataset_dir``, after synthesising it when it is the embedded held-out default and is missing or empty.
+
+    The invariance probe needs labelled subjects that pretraining never saw: by default ``data/heldout/qmri``,
+    synthetic subjects drawn with another seed than the training set's. A folder you name yourself is returned
+    as it is (a missing one is reported by the probe, naming it).
+    """
+    root = Path(dataset_dir)
+    is_default = root.resolve() == (DEFAULT_HELDOUT_ROOT / "qmri").resolve()
+    if is_default and (not root.is_dir() or not any(root.iterdir())):
+        from custom.data.synthetic import generate_dataset
+
+        logger.info("no held-out subjects in %s: synthesising %d (seed %d)", root, subjects, seed)
+        generate_dataset(root.parent, subjects=subjects, seed=seed, resolution=2.0, preview=False, progress=True)
+    return str(root)
