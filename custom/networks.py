@@ -665,6 +665,13 @@ def load_encoder_weights(encoder: nn.Module, source: str | Path | Mapping[str, A
     entries = _encoder_entries(_unwrap_checkpoint(raw, name))
 
     own = encoder.state_dict()
+    stats_in_source = any(k.endswith("running_mean") for k in entries)
+    stats_in_encoder = any(k.endswith("running_mean") for k in own)
+    if stats_in_source != stats_in_encoder:  # BatchNorm vs instance norm: copying the convs alone is wrong
+        raise ValueError(
+            f"{name} was trained with {'batch' if stats_in_source else 'instance'} normalisation but this encoder "
+            f"uses {'batch' if stats_in_encoder else 'instance'} normalisation; build it with the matching norm"
+        )
     matched = {k: v for k, v in entries.items() if k in own}
     if not matched:
         raise ValueError(

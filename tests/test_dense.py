@@ -62,3 +62,4 @@ def test_pretraining_loss_with_dense_term_has_gradients():
     terms["loss"].backward()
     grads = [p.grad for p in model.encoder.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+

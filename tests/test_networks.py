@@ -339,3 +339,14 @@ def test_load_refuses_pickled_objects(tmp_path: Path) -> None:
     torch.save({"model": Encoder(1, TINY)}, path)  # a whole module, not a state dict: needs full unpickling
     with pytest.raises(ValueError, match="pickled.pt"):
         load_encoder_weights(Encoder(1, TINY), path)
+
+
+def test_batchnorm_weights_refuse_an_instance_norm_encoder():
+    import pytest
+
+    from custom.networks import Encoder, load_encoder_weights
+
+    bn = Encoder(features=[4, 8], norm="batch").state_dict()
+    with pytest.raises(ValueError, match="batch normalisation"):
+        load_encoder_weights(Encoder(features=[4, 8]), bn)
+    assert load_encoder_weights(Encoder(features=[4, 8], norm="batch"), bn) == len(bn)
