@@ -1,5 +1,5 @@
 # Every target creates/refreshes .venv and installs the project before running.
-#   make demo   CPU-size SeqInv pretraining on the embedded synthetic data, then its sequence-invariance check
+#   make demo   CPU-size SeqInv pretraining on the embedded synthetic data, then its invariance probe table
 #   make test   lint + the whole test suite (what CI runs)
 #   make bench  benchmarks (ratios against a baseline measured in the same run)
 #   make weights  CPU-size demo weights (synthetic data, NOT for clinical use) into every bundle's models/
@@ -41,6 +41,8 @@ demo: install
 		--config_file "['$(PRETRAIN)/train.yaml','$(PRETRAIN)/cpu_small.yaml']"
 	$(BIN)/python -m monai.bundle run evaluating \
 		--config_file "['$(PRETRAIN)/train.yaml','$(PRETRAIN)/cpu_small.yaml','$(PRETRAIN)/evaluate.yaml']"
+	@echo "the probe table above: the demo encoder against random init, position-only and intensity-only"
+	@echo "(bundles/seqinv_pretrain/runs/seqinv/probe/probe.md, probe.png)"
 	@echo "encoder weights: bundles/seqinv_pretrain/models/model.pt (encoder-only state dict)"
 	@echo "synthetic data and its preview: $(DEMO_OUT)/ (seqinv synth --out $(DEMO_OUT) --preview to redraw)"
 

@@ -80,6 +80,12 @@ def probe_all(args: argparse.Namespace) -> list[dict]:
         encoders = {m: str(args.runs / f"{m}_s{seed}" / "model.pt") for m in args.modes}
         encoders = {m: p for m, p in encoders.items() if Path(p).is_file()}
         out = args.out / f"probe_s{seed}"
+        cached = out / "probe.json"
+        if cached.is_file():  # a finished probe of the same encoders is reused (resume after an interruption)
+            record = json.loads(cached.read_text())
+            if set(record.get("encoders", {})) >= set(encoders):
+                rows += [{**row, "seed": seed} for row in record["rows"]]
+                continue
         # images normalised as the pretraining views were (view_norm histeq), for every encoder and baseline
         for row in run_probe(encoders, args.heldout, seed=seed, output_dir=out, normalize="histeq"):
             rows.append({**row, "seed": seed})
