@@ -45,7 +45,7 @@ def main() -> None:
         w = args.window
         left = next((i for i in range(w, len(nt) + 1) if sum(nt[i - w : i]) / w < chance - args.margin), None)
 
-        def last(key: str) -> float:
+        def last(key: str, s: dict = s, w: int = w) -> float:
             v = s.get(key, [float("nan")])[-w:]
             return sum(v) / len(v)
 
