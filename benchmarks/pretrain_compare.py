@@ -83,11 +83,11 @@ def probe_all(args: argparse.Namespace) -> list[dict]:
         cached = out / "probe.json"
         if cached.is_file():  # a finished probe of the same encoders is reused (resume after an interruption)
             record = json.loads(cached.read_text())
-            if set(record.get("encoders", {})) >= set(encoders):
+            if set(record.get("encoders", {})) >= set(encoders) and record.get("normalize") == args.normalize:
                 rows += [{**row, "seed": seed} for row in record["rows"]]
                 continue
-        # images normalised as the pretraining views were (view_norm histeq), for every encoder and baseline
-        for row in run_probe(encoders, args.heldout, seed=seed, output_dir=out, normalize="histeq"):
+        # default: images normalised as the pretraining views were (view_norm histeq), for every encoder
+        for row in run_probe(encoders, args.heldout, seed=seed, output_dir=out, normalize=args.normalize):
             rows.append({**row, "seed": seed})
     return rows
 
@@ -129,6 +129,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bundles" / "seqinv_pretrain" / "runs" / "compare")
     ap.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="passed on to every training run")
     ap.add_argument("--skip_training", action="store_true")
+    ap.add_argument("--normalize", default="histeq", help="probe image normalisation: histeq (as the views) | zscore")
     args = ap.parse_args()
     if not Path(args.heldout).is_dir():
         from custom.data.synthetic import generate_dataset
