@@ -960,8 +960,6 @@ class ContrastiveViewsd(MapTransform, RandomizableTransform):
         self.clip_maps = clip_maps
         self.view_norm = view_norm
         self.zscore = bool(zscore)
-        if mode not in _MODES:
-            raise InputError(f"mode must be one of {_MODES}, got {mode!r}")
         keys = [qmri_key] if qmri_key is not None else list(map_keys)
         MapTransform.__init__(self, keys, allow_missing_keys=True)
         RandomizableTransform.__init__(self, prob=1.0)
