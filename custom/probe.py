@@ -960,10 +960,10 @@ def _build_encoder(name: str, spec: str | Path | None, features: Sequence[int], 
             torch.manual_seed(int(seed))
             encoder = Encoder(features=tuple(int(f) for f in features))
         return encoder, {"weights": None, "features": list(encoder.features), "init": f"random (seed {seed})"}
-    from custom.networks import _read_source  # the bundle-aware reader (file, bundle folder or zip)
+    from custom.weights import read_weights  # the bundle-aware reader (file, bundle folder or zip)
 
     try:
-        state = _read_source(spec)
+        state = read_weights(spec)
         widths = encoder_features_of(state)
         encoder = Encoder(features=widths)
         copied = load_encoder_weights(encoder, spec)

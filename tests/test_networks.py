@@ -259,7 +259,7 @@ def test_load_from_encoder_only_file(tmp_path: Path, pretrained: PretrainingMode
     path = tmp_path / "encoder.pt"
     torch.save(encoder_state_dict(pretrained), path)
     enc = Encoder(1, TINY)
-    with caplog.at_level(logging.INFO, logger="custom.networks"):
+    with caplog.at_level(logging.INFO, logger="custom.weights"):
         n = load_encoder_weights(enc, path)
     assert n == len(enc.state_dict()) == 20  # 5 levels x 2 convs x (weight, bias)
     assert f"copied {n}/{n}" in caplog.text
