@@ -1,6 +1,7 @@
 # Every target creates/refreshes .venv and installs the project before running.
 #   make demo   CPU-size SeqInv pretraining on the embedded synthetic data, then its invariance probe table
 #   make test   lint + the whole test suite (what CI runs)
+#   make test-fast  lint + the tests not marked slow (the inner loop)
 #   make bench  benchmarks (ratios against a baseline measured in the same run)
 #   make weights  CPU-size demo weights (synthetic data, NOT for clinical use) into every bundle's models/
 #   make package  dist/<bundle>_v<version>.zip for every bundle with weights, and dist/model_info.json
@@ -14,7 +15,7 @@ TORCH_CPU_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_OUT := data/synthetic
 
-.PHONY: install demo test lint bench weights package clean
+.PHONY: install demo test test-fast lint bench weights package clean
 
 $(BIN)/python:
 	if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
@@ -65,6 +66,10 @@ lint: install
 
 test: install lint
 	$(BIN)/python -m pytest -q -ra --timeout 900
+
+# the inner loop: lint, then every test not marked slow (no end-to-end bundle runs); stops at the first failure
+test-fast: install lint
+	$(BIN)/python -m pytest -q -x -m "not slow" --timeout 300
 
 bench: install
 	$(BIN)/python benchmarks/simulate.py

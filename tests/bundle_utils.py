@@ -23,15 +23,6 @@ TINY = {
 }
 
 
-def make_synthetic(tmp_path_factory, name: str, subjects: int = 9) -> Path:
-    """A tiny synthetic data set (qMRI, IXI-like, ARC-like) at 6 mm."""
-    from custom.data.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp(name)
-    generate_dataset(root, subjects=subjects, seed=0, resolution=6.0, preview=False, progress=False)
-    return root
-
-
 def save_tiny_encoder(tmp_path_factory) -> Path:
     """A seeded random encoder of the :data:`TINY` widths, saved as an encoder-only state dict."""
     import torch

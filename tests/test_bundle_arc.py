@@ -10,7 +10,6 @@ import pytest
 from bundle_utils import (
     REPO,
     assert_encoder_unchanged,
-    make_synthetic,
     run_config,
     run_inference,
     save_tiny_encoder,
@@ -21,8 +20,8 @@ BUNDLE = REPO / "bundles" / "arc_lesion_seg"
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    return make_synthetic(tmp_path_factory, "synthetic_arc")
+def synthetic(synthetic_dataset) -> Path:
+    return synthetic_dataset(subjects=9, seed=0, resolution=6.0)  # shared by the bundle tests (read only)
 
 
 @pytest.fixture(scope="module")

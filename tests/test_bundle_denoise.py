@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import REPO, make_synthetic, run_config, run_inference, train_tiny
+from bundle_utils import REPO, run_config, run_inference, train_tiny
 
 from custom.denoise import AddNoised
 
@@ -16,8 +16,8 @@ BUNDLE = REPO / "bundles" / "ixi_denoise"
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    return make_synthetic(tmp_path_factory, "synthetic_denoise")
+def synthetic(synthetic_dataset) -> Path:
+    return synthetic_dataset(subjects=9, seed=0, resolution=6.0)  # shared by the bundle tests (read only)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from bundle_utils import (
     REPO,
     TINY,
     assert_encoder_unchanged,
-    make_synthetic,
     run_config,
     run_inference,
     save_tiny_encoder,
@@ -22,8 +21,8 @@ BUNDLE = REPO / "bundles" / "ixi_tissue_seg"
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    return make_synthetic(tmp_path_factory, "synthetic_ixi")
+def synthetic(synthetic_dataset) -> Path:
+    return synthetic_dataset(subjects=9, seed=0, resolution=6.0)  # shared by the bundle tests (read only)
 
 
 @pytest.fixture(scope="module")

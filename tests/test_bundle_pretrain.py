@@ -22,12 +22,8 @@ TINY_FEATURES = [4, 8, 8, 16, 16]
 
 
 @pytest.fixture(scope="module")
-def qmri_dir(tmp_path_factory) -> Path:
-    from custom.data.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("synthetic")
-    generate_dataset(root, subjects=3, seed=0, resolution=6.0, preview=False, progress=False)
-    return root / "qmri"
+def qmri_dir(synthetic_dataset) -> Path:
+    return synthetic_dataset(subjects=3, seed=0, resolution=6.0) / "qmri"
 
 
 def tiny_overrides(qmri_dir: Path, out: Path, **extra) -> dict:

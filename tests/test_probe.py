@@ -30,12 +30,8 @@ SMALL_RUN = {"fit_subjects": 2, "test_subjects": 2, "max_shift": 6, "bootstrap":
 
 
 @pytest.fixture(scope="module")
-def qmri_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from custom.data.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("probe_synthetic")
-    generate_dataset(root, subjects=4, seed=3, resolution=4.0, preview=False, progress=False)
-    return root / "qmri"
+def qmri_dir(synthetic_dataset) -> Path:
+    return synthetic_dataset(subjects=4, seed=3, resolution=4.0) / "qmri"
 
 
 def label_features(volume: ProbeVolume) -> list[torch.Tensor]:

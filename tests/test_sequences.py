@@ -118,17 +118,15 @@ def test_clinical_contrast_order_on_tissue_values(seed):
 
 
 @pytest.fixture(scope="module")
-def synthetic_subjects(tmp_path_factory):
+def synthetic_subjects(synthetic_dataset):
     """Two synthetic qMRI subjects (4 mm) loaded in SI units, with their tissue labels."""
     import nibabel as nib
 
     from custom.data.qmri import load_qmri_maps
-    from custom.data.synthetic import generate_dataset
 
-    root = tmp_path_factory.mktemp("synthetic_order")
-    generate_dataset(root, subjects=2, seed=3, resolution=4.0, preview=False, progress=False)
+    root = synthetic_dataset(subjects=4, seed=3, resolution=4.0)  # the probe tests' set; its first two subjects
     subjects = []
-    for folder in sorted((root / "qmri").iterdir()):
+    for folder in sorted(p for p in (root / "qmri").iterdir() if p.is_dir())[:2]:
         name = folder.name
         volume = load_qmri_maps({k: folder / f"{name}_{k}.nii.gz" for k in ("PD", "R1", "R2s", "MT", "R2")})
         labels = np.asarray(nib.load(str(folder / f"{name}_labels.nii.gz")).dataobj)
