@@ -10,7 +10,6 @@ top of axial slices, superior at the top of coronal and sagittal slices (sagitta
 from __future__ import annotations
 
 import os
-import secrets
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from custom.io import atomic_write
 
 __all__ = ["middle_slices", "write_montage"]
 
@@ -64,18 +65,6 @@ def _display_range(volume: np.ndarray, cmap: str) -> tuple[float, float]:
     return low, high if high > low else low + 1.0
 
 
-def _atomic_savefig(fig: Figure, path: Path, dpi: int) -> None:
-    # a fresh hidden name created by savefig itself (usual umask permissions, unlike a 0600 mkstemp file)
-    tmp = str(path.parent / f".tmp-{secrets.token_hex(8)}.png")
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi, facecolor=fig.get_facecolor())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_montage(
     path: str | os.PathLike[str],
     images: Mapping[str, np.ndarray],
@@ -93,7 +82,8 @@ def write_montage(
     structure (a lesion) is visible in all three views.
 
     Args:
-        path: output ``.png`` file; written atomically (temporary file in the same folder, then ``os.replace``).
+        path: output ``.png`` file; written atomically (:func:`custom.io.atomic_write`: temporary file in the same
+            folder, then rename).
         images: title -> 3D array ``[x, y, z]`` in RAS+ voxel order (isotropic voxels are assumed).
         title: figure title.
         outlines: title -> binary 3D mask drawn as a red contour over that image (e.g. a lesion).
@@ -145,5 +135,5 @@ def write_montage(
         fontsize=9,
     )
     fig.subplots_adjust(left=0.005, right=0.995, bottom=0.005, top=1 - 0.95 / fig_h, wspace=0.02, hspace=0.35)
-    _atomic_savefig(fig, out, dpi)
+    atomic_write(lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, facecolor=fig.get_facecolor()), out)
     return out
