@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,8 +16,22 @@ import torch
 
 __all__ = ["atomic_path", "atomic_torch_save", "atomic_write", "atomic_write_text"]
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read once at import (os.umask can only be read by setting it, which races with threads)
+
+def _create_unique(folder: Path, stem: str, suffix: str) -> Path:
+    """Create a new empty file ``.tmp-<stem>-<random><suffix>`` in ``folder`` and return its path.
+
+    Created with ``os.open(..., 0o666)`` so it gets the permissions a plain ``open()`` gives (0666 less the
+    process umask, applied by the kernel); ``tempfile.mkstemp`` would make it private (0600), and reading the
+    umask means setting it, a process-wide change.
+    """
+    for _ in range(100):
+        path = folder / f".tmp-{stem}-{secrets.token_hex(6)}{suffix}"
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"cannot create a temporary file in {folder}")
 
 
 @contextlib.contextmanager
@@ -26,11 +40,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(target.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{target.stem.split('.')[0]}-", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    # mkstemp makes files private (0600); outputs get the permissions a plain open() gives (0666 less the umask)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)
+    tmp_path = _create_unique(target.parent, target.stem.split(".")[0], suffix)
     try:
         yield tmp_path
         os.replace(tmp_path, target)
