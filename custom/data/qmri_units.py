@@ -5,8 +5,8 @@ other units: the hMRI toolbox writes PD and MT in percent (p.u.; white-matter PD
 R2* in 1/s, older versions R2* in 1/ms; other pipelines write relaxation *times* (T1, T2 in s or ms).
 
 :func:`to_si` converts a map given its kind and declared units, or detects the units (``units="auto"``) from
-the robust value range (99th percentile of the nonzero finite values, :func:`robust_max`). A range that fits no
-known unit is an error naming the file, the kind and the observed value, never a silent guess.
+the robust value range (99th percentile of the nonzero finite magnitudes, :func:`nonzero_magnitude_p99`). A
+range that fits no known unit is an error naming the file, the kind and the observed value, never a silent guess.
 """
 
 from __future__ import annotations
@@ -17,7 +17,16 @@ from os import PathLike
 
 import numpy as np
 
-__all__ = ["KINDS", "UNITS", "AUTO_RANGES", "canonical_kind", "canonical_units", "robust_max", "detect_units", "to_si"]
+__all__ = [
+    "KINDS",
+    "UNITS",
+    "AUTO_RANGES",
+    "canonical_kind",
+    "canonical_units",
+    "nonzero_magnitude_p99",
+    "detect_units",
+    "to_si",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +57,8 @@ AUTO_RANGES: dict[str, Mapping[str, tuple[float, float]]] = {
     "R2s": {"1/s": (1.0, 200.0), "1/ms": (1.0e-3, 0.2)},
     "R2": {"1/s": (1.0, 200.0), "1/ms": (1.0e-3, 0.2)},
 }
-"""Ranges of :func:`robust_max` (inclusive) that ``units="auto"`` accepts for each unit; they do not overlap.
+"""Ranges of :func:`nonzero_magnitude_p99` (inclusive) that ``units="auto"`` accepts for each unit; they do not
+overlap.
 
 Time maps (``s``/``ms``) are never auto-detected: a T1 map in seconds has the same range as an R1 map in 1/s.
 """
@@ -107,10 +117,11 @@ def canonical_units(units: str, kind: str) -> str:
     return unit
 
 
-def robust_max(array: np.ndarray) -> float:
-    """99th percentile of the nonzero finite values of ``array`` (0.0 when there are none).
+def nonzero_magnitude_p99(array: np.ndarray) -> float:
+    """99th percentile of the nonzero finite magnitudes ``|array|`` (0.0 when there are none), in the map's units.
 
-    Magnitudes are used, so a map with negative noise values is judged by the size of its values.
+    Magnitudes are used, so a map with negative noise values is judged by the size of its values. (Not the
+    torch :func:`custom.fields.region_percentile` (alias ``robust_max``), which scales images.)
     """
     values = np.abs(np.asarray(array)[np.isfinite(array)])
     values = values[values > 0]
@@ -124,7 +135,7 @@ def _where(path: str | PathLike[str] | None) -> str:
 
 
 def detect_units(array: np.ndarray, kind: str, path: str | PathLike[str] | None = None) -> tuple[str, float]:
-    """Units of a ``kind`` map judged from its value range; returns ``(units, robust_max)``.
+    """Units of a ``kind`` map judged from its value range; returns ``(units, nonzero_magnitude_p99)``.
 
     Raises:
         ValueError: the map has no nonzero finite value, or its range fits none of :data:`AUTO_RANGES`; the
@@ -132,7 +143,7 @@ def detect_units(array: np.ndarray, kind: str, path: str | PathLike[str] | None 
     """
     kind = canonical_kind(kind)
     arr = np.asarray(array)
-    top = robust_max(arr)
+    top = nonzero_magnitude_p99(arr)
     if top == 0.0:
         raise ValueError(f"cannot detect the units of the {kind} map in {_where(path)}: it has no nonzero value")
     for unit, (low, high) in AUTO_RANGES[kind].items():
