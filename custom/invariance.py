@@ -41,11 +41,12 @@ from tqdm.auto import tqdm
 
 from custom.data.qmri import LoadQMRId
 from custom.data.qmri_datalist import find_qmri_subjects, qmri_datalist
+from custom.fields import polynomial_log_field
+from custom.fields import region_percentile as robust_max
 from custom.io import atomic_write_text
 from custom.networks import PAPER_ENCODER_FEATURES, Encoder, load_encoder_weights
 from custom.physics import rician_noise
 from custom.sequences import SEQUENCES, SequenceSample, as_generator, sample_sequence, simulate
-from custom.transforms import polynomial_log_field, robust_max
 
 __all__ = [
     "InvarianceResult",

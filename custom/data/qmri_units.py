@@ -218,5 +218,5 @@ def to_si(
     description = f"{kind} map from {_where(path)}: units {unit} ({how}); {action} -> {target}"
     if n_bad:
         description += f"; {n_bad} non-finite values set to 0"
-    log.info(description)
+    log.debug(description)  # per map and subject: detail, not progress
     return arr, description

@@ -17,9 +17,9 @@ import torch
 
 from custom.data.synthetic import SITE_PROTOCOLS
 from custom.errors import InputError
+from custom.fields import region_percentile as robust_max
 from custom.intensity import histogram_equalise, percentile_rescale
 from custom.sequences import SequenceSample, as_generator, sample_sequence
-from custom.transforms import robust_max
 
 __all__ = [
     "TISSUES",

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from custom.data.qmri import LoadQMRId
+from custom.fields import region_percentile as robust_max
 from custom.invariance import cross_sequence_retrieval
 from custom.physics import rician_noise
 from custom.probe.consistency import dense_consistency
@@ -34,7 +35,6 @@ from custom.probe.data import (
 from custom.probe.features import CHUNK, FeatureFunction, ProbeVolume, probe_input, sample_voxel_features
 from custom.probe.linear import LogisticProbe, balanced_accuracy_batch, confusion_matrix
 from custom.sequences import SequenceSample, simulate
-from custom.transforms import robust_max
 
 __all__ = ["evaluate_probe"]
 
