@@ -39,6 +39,7 @@ class Commands:
         resolution: float = 2.0,
         preview: bool = False,
         quiet: bool = False,
+        ixi_image_models: dict[str, str] | None = None,
     ) -> None:
         """Write the embedded synthetic data set (qMRI maps, IXI-like and ARC-like images) under ``out``.
 
@@ -49,13 +50,22 @@ class Commands:
             resolution: isotropic voxel size in mm (2 is CPU friendly, 1 is the template's full resolution).
             preview: also write ``out/preview.png``, a montage of every simulated contrast.
             quiet: no progress bar.
+            ixi_image_models: IXI sites whose images come from another image model than the signal equations,
+                e.g. ``"{HH: gmm, IOP: template}"`` (``gmm``: random per-tissue intensities; ``template``: the
+                MNI152 T1 under each subject's warp, T1 only). Default: every site ``physics``.
         """
-        from custom.data.synthetic import generate_dataset
+        from custom.data.synthetic import generate_dataset, ixi_site_models
 
         if int(subjects) < 1:
             raise CommandError(f"--subjects must be >= 1, got {subjects}")
         if float(resolution) <= 0:
             raise CommandError(f"--resolution must be a positive size in mm, got {resolution}")
+        if ixi_image_models is not None and not isinstance(ixi_image_models, dict):
+            raise CommandError(f'--ixi_image_models must be a mapping like "{{HH: gmm}}", got {ixi_image_models!r}')
+        try:
+            ixi_site_models(ixi_image_models)
+        except ValueError as err:
+            raise CommandError(f"--ixi_image_models: {err}") from None
         summary = generate_dataset(
             Path(out),
             subjects=int(subjects),
@@ -63,6 +73,7 @@ class Commands:
             resolution=float(resolution),
             preview=bool(preview),
             progress=not quiet,
+            ixi_image_models=ixi_image_models,
         )
         print(json.dumps(summary, indent=2, default=str))
 

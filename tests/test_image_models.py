@@ -224,7 +224,7 @@ def test_physics_path_matches_write_ixi(tmp_path: Path, template: synthetic.Temp
     """The wiring the IXI writer will use reproduces today's files exactly for the physics model."""
     index, seed = 1, 3
     with ThreadPoolExecutor(max_workers=1) as pool:
-        writer = synthetic._Writer(pool)
+        writer = synthetic.PooledWriter(pool)
         name, _ = synthetic.write_ixi(tmp_path, index, template, seed, writer)
         writer.wait()
     rng = synthetic.subject_rng(seed, "ixi", index)
@@ -235,3 +235,37 @@ def test_physics_path_matches_write_ixi(tmp_path: Path, template: synthetic.Temp
         image = im.render_image("physics", anatomy, template, site, contrast, rng, bias=bias)
         written = np.asarray(nib.load(str(tmp_path / "ixi" / f"IXI-{contrast}" / f"{name}-{contrast}.nii.gz")).dataobj)
         assert np.array_equal(image, written), contrast
+
+
+def test_dataset_sites_get_their_image_models(tmp_path: Path) -> None:
+    """``generate_dataset(ixi_image_models=...)``: Guys stays physics (identical files), HH gmm, IOP template (T1
+    only); labels are the same files whatever the model."""
+    kwargs = {"subjects": 3, "seed": 2, "resolution": 6.0, "progress": False}
+    plain = synthetic.generate_dataset(tmp_path / "physics", **kwargs)
+    mixed = synthetic.generate_dataset(tmp_path / "mixed", ixi_image_models={"HH": "gmm", "IOP": "template"}, **kwargs)
+    assert mixed["ixi_image_models"] == {"Guys": "physics", "HH": "gmm", "IOP": "template"}
+    guys, hh, iop = plain["ixi_subjects"]
+    assert mixed["ixi_subjects"] == plain["ixi_subjects"]
+
+    def load(root: str, sub: str) -> np.ndarray:
+        return np.asarray(nib.load(str(tmp_path / root / "ixi" / sub)).dataobj)
+
+    for name in (guys, hh, iop):
+        assert np.array_equal(
+            load("physics", f"labels/{name}_labels.nii.gz"), load("mixed", f"labels/{name}_labels.nii.gz")
+        )
+    for contrast in ("T1", "T2", "PD"):
+        assert np.array_equal(
+            load("physics", f"IXI-{contrast}/{guys}-{contrast}.nii.gz"),
+            load("mixed", f"IXI-{contrast}/{guys}-{contrast}.nii.gz"),
+        )
+        assert not np.array_equal(
+            load("physics", f"IXI-{contrast}/{hh}-{contrast}.nii.gz"),
+            load("mixed", f"IXI-{contrast}/{hh}-{contrast}.nii.gz"),
+        )
+    assert (tmp_path / "mixed" / "ixi" / "IXI-T1" / f"{iop}-T1.nii.gz").is_file()
+    assert not (tmp_path / "mixed" / "ixi" / "IXI-T2" / f"{iop}-T2.nii.gz").exists()
+    with pytest.raises(ValueError, match="Mars"):
+        synthetic.generate_dataset(tmp_path / "bad", ixi_image_models={"Mars": "gmm"}, **kwargs)
+    with pytest.raises(ValueError, match="photo"):
+        synthetic.generate_dataset(tmp_path / "bad", ixi_image_models={"HH": "photo"}, **kwargs)

@@ -56,6 +56,7 @@ from custom.data.synthetic import (
 )
 
 __all__ = [
+    "site_images",
     "IMAGE_MODELS",
     "GMM_MEAN_RANGE",
     "GMM_MIN_SEPARATION",
@@ -371,6 +372,19 @@ def image_contrasts(model: str, site: SiteProtocol) -> tuple[str, ...]:
     if _check_model(model) == "template":
         return tuple(c for c in site.sequences if c in T1_CONTRASTS)
     return tuple(site.sequences)
+
+
+def site_images(
+    model: str, subject: SubjectAnatomy | Subject, template: Template, site: SiteProtocol, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Every contrast ``model`` renders at ``site`` (:func:`image_contrasts`): contrast name -> image.
+
+    One receive field is drawn first and shared by the subject's contrasts, then the contrasts are rendered in
+    the site's order; for ``"physics"`` this is exactly :func:`custom.data.synthetic.acquire_session` (same draws
+    from ``rng``, same images).
+    """
+    bias = bias_field(template.shape, rng, site.bias_rms)
+    return {c: render_image(model, subject, template, site, c, rng, bias=bias) for c in image_contrasts(model, site)}
 
 
 def render_image(

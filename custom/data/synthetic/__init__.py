@@ -29,8 +29,9 @@ Modules, in the order of the simulation:
 * :mod:`.template` - the MNI152 template and the output grid; :mod:`.fields` - random smooth fields;
 * :mod:`.anatomy` - random warp of the template's tissue maps; :mod:`.lesions` - stroke lesions;
 * :mod:`.subject` - per-subject tissue values, partial-volume qMRI maps, :class:`Subject`;
-* :mod:`.acquisition` - images from qMRI maps, and :class:`IxiImageModel`, the seam where an IXI-like
-  subject's images are made (default :func:`physics_ixi_images`);
+* :mod:`.acquisition` - images from qMRI maps (:func:`physics_ixi_images`, the default IXI image model; the
+  others, ``"gmm"`` and ``"template"``, are in :mod:`custom.data.image_models`, chosen per site by
+  ``generate_dataset(ixi_image_models=...)``);
 * :mod:`.files` - atomic NIfTI writing on a thread pool; :mod:`.layouts` - qMRI / IXI / ARC folder layouts;
 * :mod:`.generate` - :func:`generate_dataset` and the preview montage.
 """
@@ -38,7 +39,6 @@ Modules, in the order of the simulation:
 from __future__ import annotations
 
 from custom.data.synthetic.acquisition import (
-    IxiImageModel,
     acquire,
     acquire_session,
     bias_field,
@@ -56,7 +56,7 @@ from custom.data.synthetic.anatomy import (
 )
 from custom.data.synthetic.fields import random_rotation, smooth_field, smooth_noise
 from custom.data.synthetic.files import PooledWriter, save_nifti
-from custom.data.synthetic.generate import generate_dataset, write_preview
+from custom.data.synthetic.generate import generate_dataset, ixi_site_models, write_preview
 from custom.data.synthetic.layouts import (
     QMRI_UNITS_ON_DISK,
     arc_sessions,
@@ -102,10 +102,10 @@ __all__ = [
     "subject_rng",
     "acquire",
     "acquire_session",
-    "IxiImageModel",
     "physics_ixi_images",
     "save_nifti",
     "generate_dataset",
+    "ixi_site_models",
     # also importable from here, as from the single module this package replaced
     "BETWEEN_SUBJECT_LOG_SD",
     "DISPLACEMENT_RMS_MM",

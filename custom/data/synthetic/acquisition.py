@@ -3,16 +3,15 @@
 :func:`acquire` simulates one contrast (signal equation, receive bias field, Rician noise, scanner intensity
 scale); :func:`acquire_session` all contrasts of a protocol in one session (one shared bias field).
 
-IXI-like images are made by an :class:`IxiImageModel`, called once per subject by
-:func:`custom.data.synthetic.layouts.write_ixi`: ``model(subject, site, rng) -> {contrast: image}``. The default,
-:func:`physics_ixi_images`, simulates the site's :data:`~custom.data.synthetic.protocols.SITE_PROTOCOLS` from
-the subject's qMRI maps; another model (e.g. intensities drawn per tissue label) plugs in at the same place.
+IXI-like images: :func:`custom.data.synthetic.layouts.write_ixi` asks the named image model for each subject's
+images; the default, :func:`physics_ixi_images`, simulates the site's
+:data:`~custom.data.synthetic.protocols.SITE_PROTOCOLS` from the subject's qMRI maps; the models that use no
+signal equation (``"gmm"``, ``"template"``) live in :mod:`custom.data.image_models`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -23,7 +22,7 @@ from custom.data.synthetic.protocols import SITE_PROTOCOLS, SiteProtocol
 from custom.data.synthetic.subject import Subject
 from custom.sequences import SequenceSample, simulate
 
-__all__ = ["bias_field", "acquire", "acquire_session", "IxiImageModel", "physics_ixi_images"]
+__all__ = ["bias_field", "acquire", "acquire_session", "physics_ixi_images"]
 
 
 def bias_field(shape: Sequence[int], rng: np.random.Generator, rms: float) -> np.ndarray:
@@ -65,25 +64,7 @@ def acquire_session(subject: Subject, protocol: SiteProtocol, rng: np.random.Gen
     return {contrast: acquire(subject, sample, protocol, bias, rng) for contrast, sample in protocol.sequences.items()}
 
 
-class IxiImageModel(Protocol):
-    """How an IXI-like subject's images are made from its anatomy (the seam for alternative image models).
-
-    Called once per subject with
-
-    * ``subject``: the :class:`~custom.data.synthetic.subject.Subject` (qMRI ``maps``, tissue ``labels``
-      0 bg / 1 GM / 2 WM / 3 CSF, brain ``mask``, tissue qMRI ``values``), all on the output grid;
-    * ``site``: the IXI site, a key of :data:`~custom.data.synthetic.protocols.SITE_PROTOCOLS` (Guys, HH, IOP);
-    * ``rng``: the subject's random generator, after its anatomy was drawn (use it for every random draw, so the
-      data stay deterministic for a given seed);
-
-    and returns one float32 image (scanner units, the subject's grid shape) per IXI contrast: the keys of
-    ``SITE_PROTOCOLS[site].sequences`` (``T1``, ``T2``, ``PD``), which name the written files.
-    """
-
-    def __call__(self, subject: Subject, site: str, rng: np.random.Generator) -> dict[str, np.ndarray]: ...
-
-
 def physics_ixi_images(subject: Subject, site: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """The default :class:`IxiImageModel`: the site's fixed protocols simulated from the subject's qMRI maps
-    (:func:`acquire_session` with ``SITE_PROTOCOLS[site]``)."""
+    """The default IXI image model (``"physics"``): the site's fixed protocols simulated from the subject's qMRI
+    maps (:func:`acquire_session` with ``SITE_PROTOCOLS[site]``), contrast name -> image."""
     return acquire_session(subject, SITE_PROTOCOLS[site], rng)

@@ -102,6 +102,24 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def ixi_site_models(models: Mapping[str, str] | None) -> dict[str, str]:
+    """IXI site (``Guys`` / ``HH`` / ``IOP``) -> image model, ``"physics"`` where ``models`` names none.
+
+    ``GST`` is accepted for Guys (the paper's name). An unknown site or model is a ``ValueError`` naming it.
+    """
+    from custom.data.image_models import IMAGE_MODELS
+
+    resolved = dict.fromkeys(IXI_SITES, "physics")
+    for site, model in (models or {}).items():
+        name = "Guys" if str(site).upper() in ("GST", "GUYS") else str(site).upper()
+        if name not in resolved:
+            raise ValueError(f"unknown IXI site {site!r} in ixi_image_models; sites: GST (Guys), HH, IOP")
+        if model not in IMAGE_MODELS:
+            raise ValueError(f"unknown image model {model!r} for site {site}; models: {', '.join(IMAGE_MODELS)}")
+        resolved[name] = str(model)
+    return resolved
+
+
 def generate_dataset(
     out_dir: str | os.PathLike[str],
     subjects: int = 4,
@@ -109,6 +127,7 @@ def generate_dataset(
     resolution: float = 2.0,
     preview: bool = False,
     progress: bool = True,
+    ixi_image_models: Mapping[str, str] | None = None,
 ) -> dict[str, object]:
     """Write the synthetic qMRI, IXI-like and ARC-like datasets under ``out_dir``.
 
@@ -135,17 +154,24 @@ def generate_dataset(
             resample the 2 mm template).
         preview: also write ``out_dir/preview.png``.
         progress: show a tqdm progress bar over subjects on stderr.
+        ixi_image_models: IXI site -> image model (:data:`custom.data.image_models.IMAGE_MODELS`) for the sites
+            whose images should not come from the signal equations, e.g. ``{"HH": "gmm", "IOP": "template"}``
+            (sites as in the file names, ``Guys`` / ``HH`` / ``IOP``, or ``GST`` for Guys). Unnamed sites use
+            ``"physics"``. The anatomy and labels of every subject are the same whatever its model; ``"template"``
+            writes T1 images only.
 
     Returns:
         A JSON-serialisable summary: ``out_dir``, ``seed``, ``resolution_mm``, ``shape``, ``subjects``, ``qmri``
         (subject folders), ``qmri_stroke`` (their ids), ``ixi`` (count), ``ixi_subjects``, ``ixi_sites`` (count
         per site), ``arc`` (count), ``arc_sessions`` (count), ``arc_subjects`` (id, sessions, lesion mL),
-        ``tissue_fractions`` (mean GM / WM / CSF fraction of the brain), ``files`` (number written),
+        ``ixi_image_models`` (site -> model), ``tissue_fractions`` (mean GM / WM / CSF fraction of the brain),
+        ``files`` (number written),
         ``preview`` (path or None), ``seconds`` and ``seconds_per_subject``.
     """
     start = time.perf_counter()
     if int(subjects) < 0:
         raise ValueError(f"subjects must be >= 0, got {subjects}")
+    site_models = ixi_site_models(ixi_image_models)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     template = load_template(float(resolution))
@@ -160,7 +186,8 @@ def generate_dataset(
             folder, subject = write_qmri(out, k, template, seed, writer)
             qmri_dirs.append(str(folder))
             fractions.append(subject.fractions)
-            name, subject = write_ixi(out, k, template, seed, writer)
+            site_model = site_models[IXI_SITES[k % len(IXI_SITES)]]
+            name, subject = write_ixi(out, k, template, seed, writer, image_model=site_model)
             ixi_names.append(name)
             fractions.append(subject.fractions)
             arc_rows.append(write_arc(out, k, template, seed, writer))
@@ -180,6 +207,7 @@ def generate_dataset(
         "ixi": len(ixi_names),
         "ixi_subjects": ixi_names,
         "ixi_sites": {s: sum(f"-{s}-" in n for n in ixi_names) for s in IXI_SITES},
+        "ixi_image_models": site_models,
         "arc": len(arc_rows),
         "arc_sessions": sum(len(r["sessions"]) for r in arc_rows),
         "arc_subjects": arc_rows,

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from custom.data.synthetic.acquisition import IxiImageModel, acquire_session, physics_ixi_images
+from custom.data.synthetic.acquisition import acquire_session, physics_ixi_images
 from custom.data.synthetic.files import PooledWriter
-from custom.data.synthetic.protocols import ARC_PROTOCOL, IXI_SITES
+from custom.data.synthetic.protocols import ARC_PROTOCOL, IXI_SITES, SITE_PROTOCOLS
 from custom.data.synthetic.subject import Subject, make_subject
 from custom.data.synthetic.template import Template
 from custom.data.synthetic.tissues import QMRI_KINDS
@@ -94,17 +94,29 @@ def write_ixi(
     template: Template,
     seed: int,
     writer: PooledWriter,
-    image_model: IxiImageModel = physics_ixi_images,
+    image_model: str = "physics",
 ) -> tuple[str, Subject]:
     """IXI-like subject ``index``: ``IXI-{T1,T2,PD}/IXI...-{contrast}.nii.gz`` and ``labels/IXI..._labels.nii.gz``.
 
-    The subject is acquired at site ``IXI_SITES[index % 3]``; ``image_model`` makes its images from its anatomy
-    (default: the site's protocols simulated from the qMRI maps).
+    The subject is acquired at site ``IXI_SITES[index % 3]``; ``image_model`` (one of
+    :data:`custom.data.image_models.IMAGE_MODELS`) makes its images from its anatomy: ``"physics"`` (default) the
+    site's protocols simulated from the qMRI maps, ``"gmm"`` random per-tissue intensities, ``"template"`` the
+    MNI152 T1 intensities under the subject's warp (T1 only: no T2 / PD files for that subject). The anatomy and
+    labels are the same for every model.
     """
+    from custom.data import image_models  # imports this package: a module-level import would be circular
+
     rng = subject_rng(seed, "ixi", index)
-    subject = make_subject(template, rng, stroke=False)
+    site = IXI_SITES[index % len(IXI_SITES)]
     name = ixi_subject_id(index, seed)
-    for contrast, image in image_model(subject, IXI_SITES[index % len(IXI_SITES)], rng).items():
+    if image_model == "physics":
+        subject = make_subject(template, rng, stroke=False)
+        images = physics_ixi_images(subject, site, rng)
+    else:
+        anatomy = image_models.make_subject_anatomy(template, rng, stroke=False)
+        subject = anatomy.subject
+        images = image_models.site_images(image_model, anatomy, template, SITE_PROTOCOLS[site], rng)
+    for contrast, image in images.items():
         writer.nifti(out / "ixi" / f"IXI-{contrast}" / f"{name}-{contrast}.nii.gz", image, template.affine)
     writer.nifti(out / "ixi" / "labels" / f"{name}_labels.nii.gz", subject.labels, template.affine, np.uint8)
     return name, subject
