@@ -1,7 +1,7 @@
 """Simulation throughput: ``custom.physics`` (torch) against a plain NumPy version of the same equations.
 
 Builds a 1 mm whole-brain qMRI volume (MNI152 2009a template from nilearn, GM/WM/CSF partial-volume mixing with
-the NOTES.md tissue values, 197 x 233 x 189 voxels), then for each sequence (FSE, GRE, FLAIR, MPRAGE, plus
+the docs/paper-notes.md tissue values, 197 x 233 x 189 voxels), then for each sequence (FSE, GRE, FLAIR, MPRAGE, plus
 Rician noise) times both implementations in the same run on the same data and prints voxels per second and
 the torch / NumPy speed ratio. On a machine with CUDA the GPU figure is printed too.
 
@@ -20,7 +20,7 @@ import torch
 
 from custom import physics
 
-# Tissue values (fractions, 1/s) from the NOTES.md table, mid-range.
+# Tissue values (fractions, 1/s) from the docs/paper-notes.md table, mid-range.
 TISSUES = {
     "gm": {"pd": 0.80, "r1": 0.64, "r2s": 17.0, "r2": 12.0, "mt": 0.008},
     "wm": {"pd": 0.70, "r1": 1.02, "r2s": 21.0, "r2": 13.0, "mt": 0.016},

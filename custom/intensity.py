@@ -1,6 +1,6 @@
 """Intensity normalisation of simulated views and of images given to an encoder, in torch.
 
-The authors' pretraining pipeline (``paper-notes``: "What the authors' code does") normalises every view in
+The authors' pretraining pipeline (docs/paper-notes.md, "Views, networks and losses") normalises every view in
 three steps, which :func:`normalise_view` reproduces:
 
 1. rescale by the view's own 0.5th and 95th percentiles to [0, 1], clipped (:func:`percentile_rescale`);

@@ -6,9 +6,9 @@ Metrics (numpy arrays or torch tensors in, Python ``float`` out):
 - :func:`hd95_mm` - symmetric 95th-percentile Hausdorff distance between mask surfaces, in millimetres.
   Backend: MONAI's :func:`monai.metrics.compute_hausdorff_distance` (``percentile=95``, ``spacing=`` the voxel
   size, so distances are physical). ``NaN`` when either mask is empty: the distance is undefined there and
-  tables report such cases apart instead of averaging them in (paper/NOTES.md).
+  tables report such cases apart instead of averaging them in (docs/paper-notes.md).
 - :func:`psnr` - peak signal-to-noise ratio in dB with ``L`` = (max - min) of the *clean reference* inside the
-  brain mask (images are z-scored, so the "maximum value" of the paper must be defined; paper/NOTES.md).
+  brain mask (images are z-scored, so the "maximum value" of the paper must be defined; docs/paper-notes.md).
 - :func:`ssim` - 3D structural similarity (MONAI's Gaussian-window SSIM formula, 11^3 window, sigma 1.5 voxels,
   computed separably), optionally averaged inside a mask.
 - :func:`segmentation_metrics` - one subject's row: Dice and HD95 per class and their means.
@@ -225,7 +225,7 @@ def psnr(pred: ArrayLike, ref: ArrayLike, mask: ArrayLike | None = None, data_ra
     """Peak signal-to-noise ratio in dB: ``PSNR = 20 log10(L / sqrt(MSE))``.
 
     ``L`` is (max - min) of the CLEAN reference ``ref`` within the brain ``mask`` (whole image without a mask),
-    because the images are z-scored and the paper's "maximum pixel value" must be defined (paper/NOTES.md);
+    because the images are z-scored and the paper's "maximum pixel value" must be defined (docs/paper-notes.md);
     ``data_range`` overrides it. ``MSE`` is the mean squared difference over the mask (or the whole image).
     Computed in float64.
 

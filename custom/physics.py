@@ -109,7 +109,7 @@ def fse(pd: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, *, tr: Param, te: 
     Args:
         pd: proton density, fraction in [0, 1].
         r1: longitudinal relaxation rate, 1/s.
-        r2: transverse relaxation rate, 1/s (R2* is used in its place when no R2 map exists; see NOTES.md).
+        r2: transverse relaxation rate, 1/s (R2* is used in its place when no R2 map exists; see docs/paper-notes.md).
         tr: repetition time, seconds.
         te: echo time, seconds.
         b1: receive-field gain (scalar or map), unitless.
@@ -196,7 +196,7 @@ def mprage(
 
     ``B1 PD | sin(a) (1 - E1) / (1 - cos(a) E1) (1 - (cos(a) exp(-TX R1))^n) exp(-TD R1)
     + (1 - exp(-TD R1)) |`` with ``E1 = exp(-R1 TR)``. Eq. 4 as printed has no PD or B1 factor, unlike
-    eqs. 1-3; following NOTES.md we multiply by ``B1 PD`` so every sequence shares one signal scale.
+    eqs. 1-3; following docs/paper-notes.md we multiply by ``B1 PD`` so every sequence shares one signal scale.
     Eq. 4 has no echo-time decay either.
 
     Args:
@@ -225,7 +225,7 @@ def mprage_delay_time(tr: Param, ti: Param, tx: Param, n: Param) -> torch.Tensor
     """Delay TD (seconds) between the end of the readout train and the next inversion.
 
     The readout train of ``n`` excitations ``tx`` seconds apart is centred on the inversion time, so
-    ``TD = TR - TI - n TX / 2``, clipped at 0. The paper samples TR, TI, TX and n but not TD (NOTES.md).
+    ``TD = TR - TI - n TX / 2``, clipped at 0. The paper samples TR, TI, TX and n but not TD (docs/paper-notes.md).
     """
     if all(not isinstance(p, torch.Tensor) for p in (tr, ti, tx, n)):
         return max(float(tr) - float(ti) - float(n) * float(tx) / 2.0, 0.0)

@@ -2,9 +2,9 @@
 
 Two presets:
 
-* ``paper``: Appendix A of the paper as printed, with the resolutions of NOTES.md (MPRAGE TR ~ N(2.3, 0.23) s;
-  FLAIR TE log10-normal around 20 ms with 0.1 decades spread; MPRAGE n ~ U(100, 200); flip angles sampled in
-  degrees and stored in radians; TD derived with :func:`custom.physics.mprage_delay_time`).
+* ``paper``: Appendix A of the paper as printed, with the resolutions of docs/paper-notes.md (MPRAGE TR
+  ~ N(2.3, 0.23) s; FLAIR TE log10-normal around 20 ms with 0.1 decades spread; MPRAGE n ~ U(100, 200); flip
+  angles sampled in degrees and stored in radians; TD derived with :func:`custom.physics.mprage_delay_time`).
 * ``clinical``: narrower ranges typical of clinical 3 T protocols (T1w MPRAGE, T2w/PDw FSE, CSF-nulled FLAIR,
   spoiled GRE), following the narrower ranges in the authors' code where it has them.
 
@@ -173,7 +173,7 @@ PRESETS: dict[str, dict[str, dict[str, Distribution]]] = {
             "te": Uniform(0.002, 0.004),
             "flip": Degrees(Uniform(5.0, 12.0)),
             "n": IntUniform(100, 200),
-            # inversion efficiency (Mz -> -efficiency Mz): not in the appendix; the authors' code, NOTES.md.
+            # inversion efficiency (Mz -> -efficiency Mz): not in the appendix; the authors' code, docs/paper-notes.md.
             "efficiency": Uniform(0.8, 1.0),
         },
         # Not in the paper; opt-in families of the authors' code (ALL_SEQUENCES). MP2RAGE: the code's TI1 and
@@ -365,7 +365,7 @@ def simulate(
 ) -> torch.Tensor:
     """Noise-free magnitude image of ``sample`` from qMRI maps (PD fraction, R1/R2*/R2 in 1/s, MT fraction).
 
-    FSE and FLAIR use the R2 map when one is given, else R2* (NOTES.md). MPRAGE is played with its inversion
+    FSE and FLAIR use the R2 map when one is given, else R2* (docs/paper-notes.md). MPRAGE is played with its inversion
     pulse (:func:`custom.physics.mprage_inversion`, efficiency ``params["efficiency"]``, 1.0 for records that
     have none) unless ``mprage_model`` (default :data:`MPRAGE_MODEL`) is ``"eq4"``, paper eq. 4 as printed
     (:func:`custom.physics.mprage`, which ignores the efficiency). Neither has T2* decay. MP2RAGE is the PD-scaled,

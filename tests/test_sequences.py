@@ -11,7 +11,7 @@ import torch
 
 from custom import sequences as S
 
-# NOTES.md tissue values (fractions, 1/s): GM, WM, CSF
+# docs/paper-notes.md tissue values (fractions, 1/s): GM, WM, CSF
 PD = torch.tensor([0.80, 0.70, 0.98])
 R1 = torch.tensor([0.64, 1.02, 0.27])
 R2S = torch.tensor([17.0, 21.0, 5.0])

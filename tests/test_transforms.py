@@ -16,7 +16,7 @@ from custom.sequences import SEQUENCES, SequenceSample, simulate
 N = 24  # phantom size (voxels per side)
 PATCH = 16  # view size in the tests
 
-# NOTES.md tissue values: (white matter, grey matter, CSF); PD and MT fractions, R1, R2*, R2 in 1/s.
+# docs/paper-notes.md tissue values: (white matter, grey matter, CSF); PD and MT fractions, R1, R2*, R2 in 1/s.
 TISSUE = {
     "pd": (0.7, 0.8, 1.0),
     "r1": (1.0, 0.64, 0.27),

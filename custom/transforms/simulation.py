@@ -123,7 +123,7 @@ class RandSimulateSequenced(MapTransform, RandomizableTransform):
         map_keys: keys of the separate maps PD (fraction), R1 (1/s), R2* (1/s), MT (fraction), each
             ``(1, X, Y, Z)``. Ignored when ``qmri_key`` is given.
         qmri_key: key of one ``(4, X, Y, Z)`` image with channels PD, R1, R2*, MT (a 5th channel is R2, 1/s).
-        r2_key: key of an optional R2 map (1/s), used by FSE and FLAIR when present (else R2*; NOTES.md).
+        r2_key: key of an optional R2 map (1/s), used by FSE and FLAIR when present (else R2*; docs/paper-notes.md).
         output_key: where the image goes. ``data[f"{output_key}_sequence"]`` gets the protocol record.
         sequences: the sequence types to draw from (subset of ``custom.sequences.SEQUENCES``).
         preset: ``"paper"`` (Appendix A) or ``"clinical"`` parameter distributions.

@@ -6,7 +6,7 @@ volume), everything outside the mask is background. Each subject gets
 
 * a random small affine (rotations of a few degrees, scaling +-5 %, a few mm of translation) and a random smooth
   displacement field (a few mm RMS), applied together to the template probability maps in one resampling;
-* per-tissue qMRI values drawn around the 3 T literature values of ``paper/NOTES.md`` (between-subject variation
+* per-tissue qMRI values drawn around the 3 T literature values of ``docs/paper-notes.md`` (between-subject variation
   of about 5-10 %), partial-volume mixing (voxel value = sum over tissues of probability x tissue value) and a
   mild spatially correlated texture (3 % RMS);
 * for stroke subjects, 1-3 smooth irregular lesion blobs in the grey/white matter of mostly one hemisphere with

@@ -1,4 +1,4 @@
-"""Tissue and lesion qMRI value tables of the synthetic data (3 T literature values of ``paper/NOTES.md``).
+"""Tissue and lesion qMRI value tables of the synthetic data (3 T literature values of ``docs/paper-notes.md``).
 
 PD and MT are fractions, R1, R2* and R2 rates in 1/s. Each subject draws its own values from these ranges
 (:func:`custom.data.synthetic.subject.sample_tissue_values`).
@@ -24,7 +24,7 @@ QMRI_KINDS: tuple[str, ...] = ("PD", "R1", "R2s", "R2", "MT")
 """qMRI maps of every subject: PD (fraction), R1, R2*, R2 (1/s), MT saturation (fraction)."""
 
 TISSUE_QMRI: dict[str, dict[str, tuple[float, float]]] = {
-    # 3 T literature ranges of paper/NOTES.md (Weiskopf et al. 2013; hMRI toolbox; Callaghan et al. 2015).
+    # 3 T literature ranges of docs/paper-notes.md (Weiskopf et al. 2013; hMRI toolbox; Callaghan et al. 2015).
     # Each subject draws a value uniformly in (low, high), then multiplies it by exp(0.04 N(0, 1)).
     "GM": {"PD": (0.77, 0.82), "R1": (0.60, 0.68), "R2s": (15.0, 20.0), "R2": (12.0, 12.0), "MT": (0.0075, 0.009)},
     "WM": {"PD": (0.69, 0.71), "R1": (0.95, 1.10), "R2s": (20.0, 23.0), "R2": (13.0, 13.0), "MT": (0.014, 0.018)},
@@ -33,8 +33,9 @@ TISSUE_QMRI: dict[str, dict[str, tuple[float, float]]] = {
 """Per-tissue qMRI value ranges: PD and MT as fractions, R1, R2*, R2 in 1/s."""
 
 LESION_QMRI: dict[str, tuple[float, float]] = {
-    # Chronic stroke lesion of NOTES.md (PD 0.85-1.00, R1 0.30-0.50, R2* 5-15, R2 3-6, MT 0.001-0.005), narrowed
-    # to the part that models gliotic, FLAIR-hyperintense tissue: R1 0.44-0.50 1/s, R2 3-4.5 1/s, PD 0.88-0.97.
+    # Chronic stroke lesion of docs/paper-notes.md (PD 0.85-1.00, R1 0.30-0.50, R2* 5-15, R2 3-6,
+    # MT 0.001-0.005), narrowed to the part that models gliotic, FLAIR-hyperintense tissue: R1 0.44-0.50 1/s,
+    # R2 3-4.5 1/s, PD 0.88-0.97.
     # Nearer R1 = 0.30 1/s a lesion has the T1 of CSF and a CSF-nulling FLAIR nulls it too (a cavity); there the
     # lesion would be darker than white matter on FLAIR, which the ARC-like data should not show.
     "PD": (0.88, 0.97),
