@@ -8,6 +8,7 @@ denoised image is the noisy input minus the prediction. A Rician option adds mag
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from custom.physics import rician_noise
 from custom.segmentation import DownstreamSettings, build_preprocessing
 
 __all__ = ["AddNoised", "denoise_train_transforms", "evaluate_denoising", "NOISE_TYPES"]
+
+logger = logging.getLogger(__name__)
 
 NOISE_TYPES = ("gaussian", "rician")
 
@@ -144,10 +147,10 @@ def evaluate_denoising(
         }
         row["psnr_gain"] = row["psnr_denoised"] - row["psnr_noisy"]
         rows.append(row)
-        print(
-            f"[{i}/{len(items)}] {name} ({row['site']} {row['contrast']}): PSNR {row['psnr_noisy']:.2f} -> "
-            f"{row['psnr_denoised']:.2f} dB, SSIM {row['ssim_noisy']:.3f} -> {row['ssim_denoised']:.3f}"
-        )
+        logger.info(
+            "[%d/%d] %s (%s %s): PSNR %.2f -> %.2f dB, SSIM %.3f -> %.3f", i, len(items), name, row["site"],
+            row["contrast"], row["psnr_noisy"], row["psnr_denoised"], row["ssim_noisy"], row["ssim_denoised"],
+        )  # fmt: skip
     table = ResultsTable(rows)
     out = Path(output_dir)
     table.to_csv(out / "metrics.csv")
@@ -162,8 +165,8 @@ def evaluate_denoising(
         fmt="{:.2f}",
     )
     atomic_write_text(markdown + "\n", out / "metrics.md")
-    print(markdown)
-    print(f"per-subject metrics: {out / 'metrics.csv'}; table: {out / 'metrics.md'}")
+    print(markdown)  # the result table itself goes to stdout; diagnostics go to logging
+    logger.info("per-subject metrics: %s; table: %s", out / "metrics.csv", out / "metrics.md")
     return table
 
 

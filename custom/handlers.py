@@ -106,7 +106,6 @@ class ResumableCheckpoint:
                 setattr(scheduler, key, value)
             _resync_learning_rate(scheduler)
         logger.info(f"resumed from {self.path}: epoch {engine.state.epoch}, iteration {engine.state.iteration}")
-        print(f"resumed from {self.path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
 
     def save(self, engine: Engine) -> None:
         if not is_main_process():
@@ -144,7 +143,7 @@ class EncoderExport:
 
     def report(self, engine: Engine) -> None:
         if is_main_process():
-            print(f"encoder weights (encoder-only state dict): {self.path.resolve()}")
+            logger.info("encoder weights (encoder-only state dict): %s", self.path.resolve())
 
 
 class ViewSnapshot:

@@ -471,20 +471,20 @@ def run_invariance(
 
     encoders: dict[str, nn.Module] = {}
     if weights is None:
-        print("no weights given: evaluating a randomly initialised encoder")
+        logger.info("no weights given: evaluating a randomly initialised encoder")
         encoders["random init"] = random_encoder()
     else:
         encoder = Encoder(features=features)
         copied = load_encoder_weights(encoder, weights)
-        print(f"loaded encoder weights from {weights}: copied {copied} tensors")
+        logger.info("loaded encoder weights from %s: copied %d tensors", weights, copied)
         encoders["pretrained"] = encoder
         if compare_random:
             encoders["random init"] = random_encoder()
 
-    print(
-        f"sequence invariance on {len(subjects)} {split} subject(s) of {dataset_dir}, {k} protocols ({preset}), "
-        f"device {device}"
-    )
+    logger.info(
+        "sequence invariance on %d %s subject(s) of %s, %d protocols (%s), device %s",
+        len(subjects), split, dataset_dir, k, preset, device,
+    )  # fmt: skip
     results: dict[str, InvarianceResult] = {}
     for label, encoder in encoders.items():
         results[label] = evaluate_invariance(
@@ -501,7 +501,7 @@ def run_invariance(
         )
         logger.info("%s: %s", label, results[label])
     table = format_table(results)
-    print(table)
+    print(table)  # the result table itself goes to stdout; diagnostics go to logging
     record: dict[str, Any] = {
         "dataset_dir": str(dataset_dir),
         "split": split,
@@ -521,5 +521,5 @@ def run_invariance(
     }
     if output_json is not None:
         atomic_write_text(json.dumps(record, indent=2) + "\n", output_json)
-        print(f"wrote {output_json}")
+        logger.info("wrote %s", output_json)
     return record

@@ -9,6 +9,7 @@ network and preprocessing (paper-size or CPU-size) without repeating hyper-param
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +46,8 @@ __all__ = [
     "load_trained",
     "BestModelExport",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,7 +95,7 @@ def build_network(settings: DownstreamSettings, pretrained_encoder: str | None =
         freeze_encoder=True,
     )
     if pretrained_encoder is not None:
-        print(f"encoder: copied {network.loaded_encoder_tensors} tensors from {pretrained_encoder}; frozen")
+        logger.info("encoder: copied %d tensors from %s; frozen", network.loaded_encoder_tensors, pretrained_encoder)
     return network
 
 
@@ -250,4 +253,4 @@ class BestModelExport:
         if trainer is not None:
             record["epoch"] = trainer
         atomic_write_text(json.dumps(record, indent=2), settings_path(self.path))
-        print(f"best {self.metric_name} {value:.4f}: saved {self.path}")
+        logger.info("best %s %.4f: saved %s", self.metric_name, value, self.path)

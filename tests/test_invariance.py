@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -198,7 +199,10 @@ def test_input_errors(subjects: list[dict[str, str]]) -> None:
         evaluate_invariance(AnatomyEncoder(), subjects, k=2, noise=-1.0, progress=False)
 
 
-def test_run_invariance_writes_json(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_invariance_writes_json(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="custom.invariance")
     torch.manual_seed(1)
     weights = tmp_path / "model.pt"
     torch.save(Encoder(features=TINY).state_dict(), weights)
@@ -213,13 +217,14 @@ def test_run_invariance_writes_json(dataset: Path, tmp_path: Path, capsys: pytes
     assert set(record["results"]) == {"pretrained", "random init"}
     for r in record["results"].values():
         assert 0.0 <= r["top1"] <= 1.0 and r["chance_top1"] == pytest.approx(1 / 3) and r["k"] == 2
-    printed = capsys.readouterr().out
-    assert "| encoder | top-1 | chance | distance ratio |" in printed and "copied" in printed
+    printed = capsys.readouterr().out  # the table goes to stdout, the load report to the log
+    assert "| encoder | top-1 | chance | distance ratio |" in printed and "copied" in caplog.text
+    caplog.clear()
 
     baseline = run_invariance(
         None, str(dataset), features=TINY, k=2, device="cpu", split="all", subjects_limit=2, progress=False
     )
     assert set(baseline["results"]) == {"random init"} and baseline["weights"] is None
-    assert "randomly initialised" in capsys.readouterr().out
+    assert "randomly initialised" in caplog.text
     with pytest.raises(ValueError, match="split='all'"):  # 10 % of 4 subjects holds out one
         run_invariance(None, str(dataset), features=TINY, k=2, device="cpu", split="validation", progress=False)

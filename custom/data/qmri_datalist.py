@@ -102,10 +102,10 @@ def _ensure_synthetic(dataset_dir: Path, subjects: int, seed: int) -> None:
     from custom.data.synthetic import generate_dataset
 
     root = dataset_dir.parent
-    print(
-        f"no qMRI data in {dataset_dir}: creating the embedded synthetic data set there "
-        f"({subjects} subjects from the MNI152 template, seed {seed}); pass --dataset_dir to use your own data"
-    )
+    logger.warning(
+        "no qMRI data in %s: creating the embedded synthetic data set there (%d subjects from the MNI152 "
+        "template, seed %d); pass --dataset_dir to use your own data", dataset_dir, subjects, seed,
+    )  # fmt: skip
     generate_dataset(root, subjects=subjects, seed=seed, resolution=2.0, preview=False, progress=True)
 
 
