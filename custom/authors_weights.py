@@ -37,6 +37,7 @@ dimensionality), or a config whose widths differ from the tensors'.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -170,6 +171,14 @@ def check_authors_config(config: Mapping[str, Any] | None, widths: Sequence[int]
     return {"features": widths, "dropout": float(config.get("dropout", AUTHORS_CONFIG["dropout"]))}
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def import_authors_encoder(
     source: str | Path, out: str | Path, features: Sequence[int] | None = None
 ) -> dict[str, Any]:
@@ -194,8 +203,7 @@ def import_authors_encoder(
     """
     from custom.io import atomic_torch_save
     from custom.networks import Encoder
-    from custom.packaging import sha256_of
-    from custom.weights import encoder_features_of, encoder_state_dict, load_encoder_weights, raw_encoder_entries
+    from custom.weights import encoder_features_of, encoder_state_dict, is_authors_weights, load_encoder_weights
 
     source = Path(source).expanduser()
     if not source.is_file():
@@ -204,11 +212,10 @@ def import_authors_encoder(
         raw = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types (UnpicklingError, RuntimeError, EOFError, ...)
         raise ValueError(f"cannot read {source} as a torch file: {err}") from err
-    entries = raw_encoder_entries(raw, str(source))
-    if not is_authors_state(entries):
+    if not is_authors_weights(raw, str(source)):
+        found = sorted(str(k) for k in raw)[:5] if isinstance(raw, Mapping) else type(raw).__name__
         raise ValueError(
-            f"{source}: not an authors' encoder file (expected keys conv_0.*, down_<k>.*; found e.g. "
-            f"{sorted(entries)[:5]})"
+            f"{source}: not an authors' encoder file (expected keys conv_0.*, down_<k>.*; found e.g. {found})"
         )
     widths = encoder_features_of(raw)
     kwargs = check_authors_config(authors_config(raw), widths, str(source))
@@ -221,9 +228,9 @@ def import_authors_encoder(
     atomic_torch_save(encoder_state_dict(encoder), out)
     return {
         "source": str(source),
-        "source_sha256": sha256_of(source),
+        "source_sha256": _sha256(source),
         "out": str(out),
-        "out_sha256": sha256_of(out),
+        "out_sha256": _sha256(out),
         "features": tuple(widths),
         "copied": copied,
         "total": total,

@@ -27,6 +27,7 @@ __all__ = [
     "encoder_state_dict",
     "encoder_features_of",
     "encoder_features_or",
+    "is_authors_weights",
     "raw_encoder_entries",
     "require_weights",
 ]
@@ -137,8 +138,9 @@ def raw_encoder_entries(raw: Any, source: str = "<state dict>") -> dict[str, tor
     return _encoder_entries(_unwrap_checkpoint(raw, source), source)
 
 
-def _is_authors_file(raw: Any, source: str) -> bool:
-    """Whether ``raw`` is in the authors' layout (keys checked before any mapping)."""
+def is_authors_weights(raw: Any, source: str) -> bool:
+    """Whether the loaded weights ``raw`` are one of the authors' released encoders (their ``conv_0`` /
+    ``down_<k>`` keys, checked before any mapping)."""
     from custom.authors_weights import is_authors_state
 
     state = _unwrap_checkpoint(raw, source)
@@ -227,7 +229,7 @@ def load_encoder_weights(encoder: nn.Module, source: str | Path | Mapping[str, A
     name = "<state dict>" if isinstance(source, Mapping) else str(source)
     raw = source if isinstance(source, Mapping) else read_weights(source)
     entries = raw_encoder_entries(raw, name)
-    authors = _is_authors_file(raw, name)
+    authors = is_authors_weights(raw, name)
     if authors:  # the authors' released encoders: their config must describe this encoder, and all of it loads
         from custom.authors_weights import authors_config, check_authors_config
 
