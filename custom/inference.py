@@ -1,8 +1,11 @@
 """Inference on a user's own NIfTI scans, with every output written on the input's own voxel grid.
 
-Shared by the segmentation bundles (tissues, lesions) and the denoising bundle; their ``inference.yaml`` build a
-:class:`NiftiPredictor` (the bundle's ``evaluator``), give it the files from :func:`collect_inputs` and end with
-:func:`finish`, so ``python -m monai.bundle run`` exits with status 1 when a file failed.
+Shared by every bundle's ``inference.yaml`` (tissues, lesions, denoising; the pretraining bundle's feature
+extraction, :mod:`custom.features`). Each builds a :class:`NiftiPredictor` (the bundle's ``evaluator``, an ignite
+engine) from its top-level ``network`` (``network_def`` on the device), ``handlers`` (a strict MONAI
+``CheckpointLoader``, run when the engine starts), ``preprocessing``, ``inferer`` and ``postprocessing`` (here
+:class:`WriteOnInputGrid`), gives it the files from :func:`inference_inputs` and ends with :func:`finish`, so
+``python -m monai.bundle run`` exits with status 1 when a file failed.
 
 Per file, :meth:`NiftiPredictor.predict_file`:
 
@@ -12,11 +15,12 @@ Per file, :meth:`NiftiPredictor.predict_file`:
    intensity normalisation) prepares the network input;
 3. the network runs through the inferer (e.g. ``SlidingWindowInferer``) under ``torch.no_grad`` on ``device``
    (autocast when ``amp`` and the device is CUDA);
-4. the output goes back to the input's grid: MONAI ``SpatialResample`` resamples it from the preprocessed grid
-   (its MetaTensor affine) to the input's affine and shape, linearly. Segmentation resamples the class
-   probabilities (softmax; sigmoid for a single channel) and takes the argmax on the input grid, so labels are
-   never interpolated; regression resamples the values, after undoing the intensity normalisation when
-   ``restore_intensity`` (the ``offset``/``scale`` that the normalisation recorded in the image's metadata,
+4. the postprocessing (:class:`WriteOnInputGrid`) puts the output back on the input's grid: MONAI
+   ``SpatialResample`` resamples it from the preprocessed grid (its MetaTensor affine) to the input's affine and
+   shape, linearly. Segmentation resamples the class probabilities (softmax; sigmoid for a single channel) and
+   takes the argmax on the input grid, so labels are never interpolated; regression resamples the values, after
+   undoing the intensity normalisation when ``restore_intensity`` (the ``offset``/``scale`` that the
+   normalisation recorded in the image's metadata,
    see :mod:`custom.preprocess`);
 5. ``<output_dir>/<input stem>_<postfix>.nii.gz`` (and, if asked, the probabilities as a 4D
    ``<stem>_prob.nii.gz``, shape ``(X, Y, Z, C)``) is written atomically with the input's affine and a copy of
