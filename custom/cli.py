@@ -11,6 +11,7 @@ Commands:
     seqinv verify X/ixi_tissue_seg.zip --model_info dist/model_info.json
     seqinv fetch --name ixi_tissue_seg --url file:///.../ixi_tissue_seg_v0.1.0.zip --bundle_dir X \
         --model_info dist/model_info.json                     (download, check sha256, install with MONAI)
+    seqinv import-encoder midl-2025-seq-inv.pt --out model.pt (the authors' released encoder -> our encoder weights)
 """
 
 from __future__ import annotations
@@ -246,6 +247,30 @@ class Commands:
 
         entry = verify_bundle_zip(zip_path, model_info, name=name, version=version)
         print(f"{zip_path}: sha256 OK ({entry['name']} {entry['version']})")
+
+    def import_encoder(self, source: str, out: str, features: tuple[int, ...] | list[int] | None = None) -> None:
+        """Convert one of the authors' released encoders into this project's encoder weights (``model.pt``).
+
+        The files (Hugging Face ``liamchalcroft/midl-2025-base``, ``-seq-aug``, ``-seq-inv``; Apache-2.0) are not
+        downloaded here: fetch one yourself and check its sha256 against the one the Hub lists for it. The keys
+        (MONAI ``BasicUNet`` encoder modules ``conv_0``, ``down_1`` ... ``down_4``, any ``_orig_mod.`` prefix) are
+        mapped onto ``custom.networks.Encoder``; the file's config and widths are checked and every tensor must be
+        copied, or nothing is written.
+
+        Args:
+            source: the downloaded file.
+            out: where to write the converted encoder state dict (e.g. ``bundles/seqinv_pretrain/models/model.pt``,
+                or any file for ``--pretrained_encoder``).
+            features: expected widths, e.g. ``"[64,128,256,512,768]"`` (default: the file's own).
+        """
+        from custom.authors_weights import import_authors_encoder
+
+        report = import_authors_encoder(
+            source, out, features=None if features is None else tuple(int(f) for f in features)
+        )
+        print(f"{report['source']}: sha256 {report['source_sha256']}")
+        print(f"encoder widths {list(report['features'])}: copied {report['copied']}/{report['total']} tensors")
+        print(f"wrote {report['out']} (sha256 {report['out_sha256']})")
 
     def fetch(self, name: str, url: str, bundle_dir: str, model_info: str, version: str | None = None) -> None:
         """Download a bundle zip, verify its sha256 against ``model_info``, then install it with MONAI's download."""

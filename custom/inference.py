@@ -1,8 +1,11 @@
 """Inference on a user's own NIfTI scans, with every output written on the input's own voxel grid.
 
-Shared by the segmentation bundles (tissues, lesions) and the denoising bundle; their ``inference.yaml`` build a
-:class:`NiftiPredictor` (the bundle's ``evaluator``), give it the files from :func:`collect_inputs` and end with
-:func:`finish`, so ``python -m monai.bundle run`` exits with status 1 when a file failed.
+Shared by every bundle's ``inference.yaml`` (tissues, lesions, denoising; the pretraining bundle's feature
+extraction, :mod:`custom.features`). Each builds a :class:`NiftiPredictor` (the bundle's ``evaluator``, an ignite
+engine) from its top-level ``network`` (``network_def`` on the device), ``handlers`` (a strict MONAI
+``CheckpointLoader``, run when the engine starts), ``preprocessing``, ``inferer`` and ``postprocessing`` (here
+:class:`WriteOnInputGrid`), gives it the files from :func:`inference_inputs` and ends with :func:`finish`, so
+``python -m monai.bundle run`` exits with status 1 when a file failed.
 
 Per file, :meth:`NiftiPredictor.predict_file`:
 
@@ -12,11 +15,12 @@ Per file, :meth:`NiftiPredictor.predict_file`:
    intensity normalisation) prepares the network input;
 3. the network runs through the inferer (e.g. ``SlidingWindowInferer``) under ``torch.no_grad`` on ``device``
    (autocast when ``amp`` and the device is CUDA);
-4. the output goes back to the input's grid: MONAI ``SpatialResample`` resamples it from the preprocessed grid
-   (its MetaTensor affine) to the input's affine and shape, linearly. Segmentation resamples the class
-   probabilities (softmax; sigmoid for a single channel) and takes the argmax on the input grid, so labels are
-   never interpolated; regression resamples the values, after undoing the intensity normalisation when
-   ``restore_intensity`` (the ``offset``/``scale`` that the normalisation recorded in the image's metadata,
+4. the postprocessing (:class:`WriteOnInputGrid`) puts the output back on the input's grid: MONAI
+   ``SpatialResample`` resamples it from the preprocessed grid (its MetaTensor affine) to the input's affine and
+   shape, linearly. Segmentation resamples the class probabilities (softmax; sigmoid for a single channel) and
+   takes the argmax on the input grid, so labels are never interpolated; regression resamples the values, after
+   undoing the intensity normalisation when ``restore_intensity`` (the ``offset``/``scale`` that the
+   normalisation recorded in the image's metadata,
    see :mod:`custom.preprocess`);
 5. ``<output_dir>/<input stem>_<postfix>.nii.gz`` (and, if asked, the probabilities as a 4D
    ``<stem>_prob.nii.gz``, shape ``(X, Y, Z, C)``) is written atomically with the input's affine and a copy of
@@ -29,6 +33,7 @@ the others still run. It returns a :class:`Summary` (``exit_code`` 0 or 1).
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -40,6 +45,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn as nn
+from ignite.engine import Engine
 from monai.data import MetaTensor
 from monai.inferers import SimpleInferer
 from monai.transforms import Compose, SpatialResample
@@ -55,7 +61,9 @@ __all__ = [
     "TASKS",
     "NiftiPredictor",
     "Summary",
+    "WriteOnInputGrid",
     "collect_inputs",
+    "inference_inputs",
     "finish",
     "nifti_stem",
     "validate_nifti",
@@ -179,6 +187,30 @@ def collect_inputs(
     return sorted(found, key=lambda p: p.name)
 
 
+def inference_inputs(
+    image: PathLike | Sequence[PathLike] | None = None,
+    dataset_dir: PathLike | None = None,
+    demo: str | None = None,
+) -> list[Path]:
+    """The scans an inference config runs on: ``--image`` or ``--dataset_dir`` (see :func:`collect_inputs`), or with
+    neither, the demo scans of a repository checkout (``demo``, a folder or a glob pattern of folders relative to
+    the working directory; the first match) when they exist.
+
+    Raises:
+        InputError: both given; or neither given and no demo scans here, with a message that names the two options
+            (not a path the user never typed).
+    """
+    if image is not None or dataset_dir is not None:
+        return collect_inputs(image=image, dataset_dir=dataset_dir)
+    matches = sorted(p for p in glob.glob(demo) if Path(p).is_dir()) if demo else []
+    if not matches:
+        raise InputError(
+            "no input scans: give --image <scan.nii.gz> (one or a list) or --dataset_dir <folder of .nii/.nii.gz files>"
+        )
+    print(f"no --image or --dataset_dir given: running on the demo scans in {matches[0]}")
+    return collect_inputs(dataset_dir=matches[0])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Run summary
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,7 +250,7 @@ def finish(summary: Summary) -> Summary:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Predictor
+# Postprocessing: the network output back on the input's grid, written as NIfTI
 # ---------------------------------------------------------------------------------------------------------------
 def _first_tensor(out: Any) -> torch.Tensor:
     """The network output tensor (the first of a tuple/list, e.g. deep supervision)."""
@@ -229,23 +261,26 @@ def _first_tensor(out: Any) -> torch.Tensor:
     return out
 
 
-class NiftiPredictor:
-    """Predict on NIfTI files and write the results on each input's own grid (a bundle's inference ``evaluator``).
+class WriteOnInputGrid:
+    """A bundle's inference ``postprocessing``: the network output, resampled onto the input file's own grid and
+    written as NIfTI beside a copy of the input's header.
+
+    Called with ``{"pred": network output (1, C, *S) on the preprocessed grid, "image": the preprocessed input
+    MetaTensor (C_in, *S) (its affine, its recorded intensity map), "input": input path, "input_image": the nibabel
+    image}``; returns the per-file result (see :meth:`NiftiPredictor.predict_file`).
+
+    Why not MONAI's ``Invertd`` + ``SaveImaged``: the output must land on the grid of the *file* (its affine and shape,
+    oblique or LPS included) with a copy of its header, segmentation must take the argmax *after* resampling the class
+    probabilities (labels are never interpolated), small lesion components are removed in millilitres of the input's
+    voxels, and a denoiser's output needs the recorded intensity normalisation undone; ``Invertd`` inverts the
+    spatial transforms of the preprocessing only and ``SaveImaged`` writes a new header.
 
     Args:
-        network: ``(B, C_in, *S) -> (B, C, *S)`` (logits for segmentation, values for regression); it is moved to
-            ``device`` and put in eval mode.
-        inferer: a MONAI inferer called as ``inferer(inputs, network)``, e.g. ``SlidingWindowInferer`` (which also
-            pads images whose size the network cannot take); ``None``: ``SimpleInferer``.
-        preprocessing: a ``Compose`` from :func:`custom.preprocess.image_preprocessing` (reads ``{"image": path}``,
-            returns ``"image"`` as a MetaTensor with its affine); ``None``: ``image_preprocessing()``.
         output_dir: folder for the outputs (created when needed).
         task: ``"segmentation"`` (writes argmax labels) or ``"regression"`` (writes the values, e.g. denoising).
         output_postfix: output name is ``<input stem>_<output_postfix>.nii.gz``.
         save_probabilities: segmentation only: also write the class probabilities on the input grid as
             ``<stem>_prob.nii.gz`` (float32, shape ``(X, Y, Z, C)``).
-        device: torch device (or its name) to run the network on.
-        amp: autocast (float16) on CUDA devices; ignored on CPU.
         num_classes: segmentation: expected number of classes; a network output with another number of channels
             is an error (a single-channel output is binary, sigmoid: 2 classes). ``None``: not checked.
         restore_intensity: regression only: undo the preprocessing's intensity normalisation, so the output is
@@ -261,15 +296,10 @@ class NiftiPredictor:
 
     def __init__(
         self,
-        network: nn.Module,
-        inferer: Callable[..., Any] | None = None,
-        preprocessing: Compose | None = None,
         output_dir: PathLike = "output",
         task: str = "segmentation",
         output_postfix: str = "seg",
         save_probabilities: bool = False,
-        device: str | torch.device = "cpu",
-        amp: bool = False,
         num_classes: int | None = None,
         restore_intensity: bool = False,
         label_dtype: Any = np.uint8,
@@ -286,15 +316,10 @@ class NiftiPredictor:
             raise ValueError("min_component_ml applies to task='segmentation' only")
         min_component_voxels(float(min_component_ml), (1.0, 1.0, 1.0))  # validates the volume (mL)
         self.min_component_ml = float(min_component_ml)
-        self.device = torch.device(device)
-        self.network = network.to(self.device)
-        self.inferer = inferer if inferer is not None else SimpleInferer()
-        self.preprocessing = preprocessing if preprocessing is not None else image_preprocessing()
         self.output_dir = Path(output_dir).expanduser()
         self.task = task
         self.output_postfix = str(output_postfix)
         self.save_probabilities = bool(save_probabilities)
-        self.amp = bool(amp)
         self.num_classes = None if num_classes is None else int(num_classes)
         self.restore_intensity = bool(restore_intensity)
         self.residual = bool(residual)
@@ -310,26 +335,6 @@ class NiftiPredictor:
         return self.output_dir / f"{nifti_stem(path)}_prob.nii.gz"
 
     # -- steps ---------------------------------------------------------------------------------------------------
-    def _infer(self, x: torch.Tensor) -> torch.Tensor:
-        """Network output ``(1, C, *S)`` (float32) for the preprocessed image ``x`` ``(1, C_in, *S)``."""
-        autocast = (
-            torch.autocast(device_type="cuda", dtype=torch.float16)
-            if self.amp and self.device.type == "cuda"
-            else contextlib.nullcontext()
-        )
-        self.network.eval()
-        with torch.no_grad(), autocast:
-            out = _first_tensor(self.inferer(x, self.network))
-        out = out.float()
-        if isinstance(out, MetaTensor):
-            out = out.as_tensor()
-        if out.ndim != x.ndim or out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:]:
-            raise RuntimeError(
-                f"network output shape {tuple(out.shape)} does not match its input {tuple(x.shape)} "
-                "(batch and spatial sizes must agree; a SlidingWindowInferer pads sizes the network cannot take)"
-            )
-        return out
-
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``(C, *S)`` from logits ``(C, *S)``."""
         channels = logits.shape[0]
@@ -366,29 +371,20 @@ class NiftiPredictor:
         out.header.set_zooms(zooms + (1.0,) * (data.ndim - 3))  # (X, Y, Z, C): unit step along the classes
         return atomic_write(lambda tmp: nib.save(out, str(tmp)), target)
 
-    def predict_file(self, path: PathLike) -> dict[str, Any]:
-        """Validate, preprocess, predict, resample to the input grid and write one file.
-
-        Returns:
-            ``{"input", "output", "probabilities" (path or None), "shape", "seconds"}`` and, for segmentation,
-            ``"voxels"`` and ``"volume_ml"`` per class label (and ``"components_removed"`` when
-            ``min_component_ml`` is set); for regression ``"min"``, ``"max"``, ``"mean"``.
-
-        Raises:
-            InputError: the file is not a usable 3D NIfTI (see :func:`validate_nifti`).
-        """
-        start = time.perf_counter()
-        path = Path(path)
-        img = validate_nifti(path)
-        data = self.preprocessing({"image": str(path)})
-        image = data["image"]
-        if not isinstance(image, MetaTensor):
-            raise TypeError("the preprocessing must return 'image' as a MetaTensor (metadata tracking on)")
-        x = image.as_tensor()[None].to(self.device)
-        out = self._infer(x)[0]
-        result: dict[str, Any] = {"input": path, "output": self.output_path(path), "probabilities": None}
-
-        shape = tuple(int(s) for s in img.shape[:3])
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Resample and write one prediction; return ``{"output", "probabilities"}`` plus the per-task values."""
+        image, img, path = data["image"], data["input_image"], Path(data["input"])
+        x = image.as_tensor()[None] if isinstance(image, MetaTensor) else torch.as_tensor(image)[None]
+        out = _first_tensor(data["pred"]).float()
+        if isinstance(out, MetaTensor):
+            out = out.as_tensor()
+        if out.ndim != x.ndim or out.shape[0] != 1 or out.shape[2:] != x.shape[2:]:
+            raise RuntimeError(
+                f"network output shape {tuple(out.shape)} does not match its input {tuple(x.shape)} "
+                "(batch and spatial sizes must agree; a SlidingWindowInferer pads sizes the network cannot take)"
+            )
+        out = out[0]
+        result: dict[str, Any] = {"output": self.output_path(path), "probabilities": None}
         if self.task == "segmentation":
             probs = self._to_input_grid(self._probabilities(out), image.affine, img)
             labels = probs.argmax(axis=0)
@@ -406,28 +402,175 @@ class NiftiPredictor:
             counts = np.bincount(labels.reshape(-1), minlength=probs.shape[0])
             result["voxels"] = {int(k): int(c) for k, c in enumerate(counts)}
             result["volume_ml"] = {int(k): float(c) * voxel_ml for k, c in enumerate(counts)}
+            return result
+        if self.residual:
+            out = x[0].to(out.device).float() - out
+        if self.restore_intensity:
+            out = restore_intensity(out, *intensity_map(image))
+        values = self._to_input_grid(out.cpu(), image.affine, img)
+        values = np.moveaxis(values, 0, -1) if values.shape[0] != 1 else values[0]  # several channels: (X,Y,Z,C)
+        self._save(values, img, result["output"], np.dtype(np.float32))
+        result.update(min=float(values.min()), max=float(values.max()), mean=float(values.mean()))
+        return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Predictor
+# ---------------------------------------------------------------------------------------------------------------
+class NiftiPredictor(Engine):
+    """Predict on NIfTI files and write the results (a bundle's inference ``evaluator``; an ignite ``Engine``).
+
+    One iteration per file: :func:`validate_nifti`, ``preprocessing``, ``inferer(network)``, ``postprocessing``.
+    Being an ignite engine, it takes MONAI handlers: the inference configs attach a strict ``CheckpointLoader``
+    (``val_handlers``), which loads the weights when :meth:`run` starts.
+
+    Args:
+        network: ``(B, C_in, *S) -> output`` (e.g. logits ``(B, C, *S)``); moved to ``device``, run in eval mode.
+        inferer: a MONAI inferer called as ``inferer(inputs, network)``, e.g. ``SlidingWindowInferer`` (which also
+            pads images whose size the network cannot take); ``None``: ``SimpleInferer``.
+        preprocessing: a ``Compose`` from :func:`custom.preprocess.image_preprocessing` (reads ``{"image": path}``,
+            returns ``"image"`` as a MetaTensor with its affine); ``None``: ``image_preprocessing()``.
+        postprocessing: called with ``{"pred", "image", "input", "input_image"}`` (see :class:`WriteOnInputGrid`),
+            returns the per-file result dict. ``None``: a :class:`WriteOnInputGrid` built from ``output_dir``,
+            ``task``, ``output_postfix``, ``save_probabilities``, ``num_classes``, ``restore_intensity``,
+            ``label_dtype``, ``residual`` and ``min_component_ml`` (see there), which must keep their defaults when
+            a ``postprocessing`` is given.
+        device: torch device (or its name) to run the network on.
+        amp: autocast (float16) on CUDA devices; ignored on CPU.
+        val_handlers: ignite / MONAI handlers attached to this engine (e.g. ``CheckpointLoader``), as MONAI's
+            evaluators take them.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        inferer: Callable[..., Any] | None = None,
+        preprocessing: Compose | None = None,
+        output_dir: PathLike = "output",
+        task: str = "segmentation",
+        output_postfix: str = "seg",
+        save_probabilities: bool = False,
+        device: str | torch.device = "cpu",
+        amp: bool = False,
+        num_classes: int | None = None,
+        restore_intensity: bool = False,
+        label_dtype: Any = np.uint8,
+        residual: bool = False,
+        min_component_ml: float = 0.0,
+        postprocessing: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        val_handlers: Sequence[Any] | None = None,
+    ) -> None:
+        super().__init__(self._iteration)
+        writer_args = dict(
+            output_dir=output_dir,
+            task=task,
+            output_postfix=output_postfix,
+            save_probabilities=save_probabilities,
+            num_classes=num_classes,
+            restore_intensity=restore_intensity,
+            label_dtype=label_dtype,
+            residual=residual,
+            min_component_ml=min_component_ml,
+        )
+        if postprocessing is None:
+            postprocessing = WriteOnInputGrid(**writer_args)
         else:
-            if self.residual:
-                out = x[0].float() - out
-            if self.restore_intensity:
-                out = restore_intensity(out, *intensity_map(image))
-            values = self._to_input_grid(out, image.affine, img)
-            if values.shape[0] != 1:
-                values = np.moveaxis(values, 0, -1)  # several output channels: (X, Y, Z, C)
-            else:
-                values = values[0]
-            self._save(values, img, result["output"], np.dtype(np.float32))
-            result.update(min=float(values.min()), max=float(values.max()), mean=float(values.mean()))
-        result["shape"] = shape
+            defaults = WriteOnInputGrid()
+            changed = [k for k, v in writer_args.items() if k != "output_dir" and v != getattr(defaults, k, v)]
+            if changed:
+                raise ValueError(f"give {changed} to the postprocessing, not to NiftiPredictor, when passing one")
+        self.postprocessing = postprocessing
+        self.device = torch.device(device)
+        self.network = network.to(self.device)
+        self.inferer = inferer if inferer is not None else SimpleInferer()
+        self.preprocessing = preprocessing if preprocessing is not None else image_preprocessing()
+        self.amp = bool(amp)
+        self._summary = Summary()
+        self._written: dict[Path, Path] = {}
+        for handler in val_handlers or ():
+            handler.attach(self)
+
+    # -- the writer's settings, for callers that read them from the predictor -----------------------------------
+    @property
+    def output_dir(self) -> Path | None:
+        return getattr(self.postprocessing, "output_dir", None)
+
+    @property
+    def task(self) -> str | None:
+        return getattr(self.postprocessing, "task", None)
+
+    def output_path(self, path: PathLike) -> Path | None:
+        """Where the prediction for ``path`` is written (``None`` when the postprocessing does not say)."""
+        locate = getattr(self.postprocessing, "output_path", None)
+        return locate(path) if callable(locate) else None
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+    def _infer(self, x: torch.Tensor) -> Any:
+        """Network output for the preprocessed image ``x`` ``(1, C_in, *S)``."""
+        autocast = (
+            torch.autocast(device_type="cuda", dtype=torch.float16)
+            if self.amp and self.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
+        self.network.eval()
+        with torch.no_grad(), autocast:
+            return self.inferer(x, self.network)
+
+    def predict_file(self, path: PathLike) -> dict[str, Any]:
+        """Validate, preprocess, predict and postprocess (resample to the input grid and write) one file.
+
+        Returns:
+            ``{"input", "output", "probabilities" (path or None), "shape", "seconds"}`` and, for segmentation,
+            ``"voxels"`` and ``"volume_ml"`` per class label (and ``"components_removed"`` when
+            ``min_component_ml`` is set); for regression ``"min"``, ``"max"``, ``"mean"`` (with the default
+            :class:`WriteOnInputGrid`; another postprocessing returns its own keys).
+
+        Raises:
+            InputError: the file is not a usable 3D NIfTI (see :func:`validate_nifti`).
+        """
+        start = time.perf_counter()
+        path = Path(path)
+        img = validate_nifti(path)
+        data = self.preprocessing({"image": str(path)})
+        image = data["image"]
+        if not isinstance(image, MetaTensor):
+            raise TypeError("the preprocessing must return 'image' as a MetaTensor (metadata tracking on)")
+        x = image.as_tensor()[None].to(self.device)
+        pred = self._infer(x)
+        result = {"input": path, "output": None, "probabilities": None}
+        result.update(self.postprocessing({"pred": pred, "image": image, "input": path, "input_image": img}))
+        result["shape"] = tuple(int(s) for s in img.shape[:3])
         result["seconds"] = time.perf_counter() - start
         return result
 
-    def run(self, paths: PathLike | Iterable[PathLike]) -> Summary:
+    def _iteration(self, engine: Engine, path: Path) -> dict[str, Any] | None:
+        """One file: predict it, or record its failure (the other files still run)."""
+        i, n = engine.state.iteration, engine.state.epoch_length
+        start = time.perf_counter()
+        try:
+            target = self.output_path(path)
+            if target is not None and target in self._written:
+                raise InputError(f"{path}: its output {target} would overwrite that of {self._written[target]}")
+            result = self.predict_file(path)
+            if target is not None:
+                self._written[target] = path
+        except Exception as err:  # one bad file must not stop the others; KeyboardInterrupt still does
+            message = str(err) if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
+            self._summary.failures.append((path, message))
+            print(f"[{i}/{n}] {path.name}: FAILED: {message}", flush=True)
+            return None
+        self._summary.ok.append(result)
+        shown = result.get("output") or "done"
+        print(f"[{i}/{n}] {path.name}: ok -> {shown} ({time.perf_counter() - start:.1f} s)", flush=True)
+        return result
+
+    def run(self, paths: PathLike | Iterable[PathLike]) -> Summary:  # type: ignore[override]
         """Predict every file in ``paths``; a failing file is reported and skipped, the others still run.
 
-        Prints ``[i/n] name: ok -> output (x.x s)`` or ``[i/n] name: FAILED: message`` per file, then the
-        :meth:`Summary.report`. Two inputs that would write the same output (``a.nii`` and ``a.nii.gz``) fail
-        the second rather than overwrite the first.
+        Fires the engine's events (``STARTED`` loads the weights when a ``CheckpointLoader`` is attached). Prints
+        ``[i/n] name: ok -> output (x.x s)`` or ``[i/n] name: FAILED: message`` per file, then the
+        :meth:`Summary.report`. Two inputs that would write the same output (``a.nii`` and ``a.nii.gz``) fail the
+        second rather than overwrite the first.
 
         Raises:
             InputError: ``paths`` is empty.
@@ -435,23 +578,7 @@ class NiftiPredictor:
         files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
         if not files:
             raise InputError("no input images to process")
-        summary = Summary()
-        written: dict[Path, Path] = {}
-        n = len(files)
-        for i, path in enumerate(files, start=1):
-            start = time.perf_counter()
-            try:
-                target = self.output_path(path)
-                if target in written:
-                    raise InputError(f"{path}: its output {target} would overwrite that of {written[target]}")
-                result = self.predict_file(path)
-                written[target] = path
-            except Exception as err:  # one bad file must not stop the others; KeyboardInterrupt still does
-                message = str(err) if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
-                summary.failures.append((path, message))
-                print(f"[{i}/{n}] {path.name}: FAILED: {message}", flush=True)
-                continue
-            summary.ok.append(result)
-            print(f"[{i}/{n}] {path.name}: ok -> {result['output']} ({time.perf_counter() - start:.1f} s)", flush=True)
-        print(summary.report(), flush=True)
-        return summary
+        self._summary, self._written = Summary(), {}
+        super().run(files, max_epochs=1)
+        print(self._summary.report(), flush=True)
+        return self._summary

@@ -8,9 +8,11 @@ Every network here is built from MONAI blocks:
 * ``monai.networks.blocks.UpSample`` (``mode="deconv"``) for the U-Net decoder's transposed-conv upsampling.
 
 The encoder mirrors MONAI ``BasicUNet``'s ``TwoConv`` / ``Down`` blocks (which the authors' code uses), with one
-difference: each conv unit here applies norm -> activation -> dropout (``adn_ordering="NAD"``, the order the
-paper states), where ``TwoConv`` applies norm -> dropout -> activation. The sub-module names (``conv_0``,
-``conv_1``, ``max_pooling``, ``convs``) are the same as in ``BasicUNet``.
+default difference: each conv unit here applies norm -> activation -> dropout (``adn_ordering="NAD"``, the order
+the paper states), where ``TwoConv`` applies norm -> dropout -> activation (``adn_ordering="NDA"``, selectable).
+With dropout inactive (eval mode, a frozen encoder) the two orders are the same function. The sub-module names
+(``conv_0``, ``conv_1``, ``max_pooling``, ``convs``) are the same as in ``BasicUNet``, so the authors' released
+encoders map onto this one level by level (:mod:`custom.authors_weights`).
 
 Shapes are written ``(B, C, *S)`` with ``S`` the spatial size (``D, H, W`` in 3D).
 
@@ -65,10 +67,28 @@ PAPER_DECODER_FEATURES: tuple[int, ...] = (768, 512, 256, 128, 64, 32)
 
 NormType = str | tuple
 ActType = str | tuple
+#: Orders of norm (N), activation (A) and dropout (D) after each convolution: ``NAD`` (the paper, the default) or
+#: ``NDA`` (MONAI ``TwoConv``, the authors' code). Identical in eval mode; they differ only when dropout is active.
+ADN_ORDERINGS: tuple[str, ...] = ("NAD", "NDA")
 
 
-def _conv_unit(spatial_dims: int, in_ch: int, out_ch: int, norm: NormType, act: ActType, dropout: float) -> Convolution:
-    """A 3x3x3 conv -> norm -> act -> dropout unit (MONAI ``Convolution``, same padding).
+def _check_adn_ordering(adn_ordering: str) -> str:
+    if adn_ordering not in ADN_ORDERINGS:
+        raise ValueError(f"adn_ordering must be one of {list(ADN_ORDERINGS)}, got {adn_ordering!r}")
+    return adn_ordering
+
+
+def _conv_unit(
+    spatial_dims: int,
+    in_ch: int,
+    out_ch: int,
+    norm: NormType,
+    act: ActType,
+    dropout: float,
+    adn_ordering: str = "NAD",
+) -> Convolution:
+    """A 3x3x3 conv -> norm -> act -> dropout unit (MONAI ``Convolution``, same padding); ``adn_ordering="NDA"``
+    puts the dropout before the activation (MONAI ``TwoConv``).
 
     ``(B, in_ch, *S) -> (B, out_ch, *S)``.
     """
@@ -77,7 +97,7 @@ def _conv_unit(spatial_dims: int, in_ch: int, out_ch: int, norm: NormType, act: 
         in_ch,
         out_ch,
         kernel_size=3,
-        adn_ordering="NAD",
+        adn_ordering=_check_adn_ordering(adn_ordering),
         act=act,
         norm=norm,
         dropout=dropout if dropout > 0 else None,
@@ -99,21 +119,30 @@ class ConvBlock(nn.Sequential):
         norm: NormType = "instance",
         act: ActType = "gelu",
         dropout: float = 0.0,
+        adn_ordering: str = "NAD",
     ) -> None:
         super().__init__()
-        self.add_module("conv_0", _conv_unit(spatial_dims, in_channels, out_channels, norm, act, dropout))
-        self.add_module("conv_1", _conv_unit(spatial_dims, out_channels, out_channels, norm, act, dropout))
+        unit = (norm, act, dropout, adn_ordering)
+        self.add_module("conv_0", _conv_unit(spatial_dims, in_channels, out_channels, *unit))
+        self.add_module("conv_1", _conv_unit(spatial_dims, out_channels, out_channels, *unit))
 
 
 class _DownBlock(nn.Sequential):
     """2x max-pooling then a :class:`ConvBlock`, like MONAI ``Down``. ``(B, Cin, *S) -> (B, Cout, *S/2)``."""
 
     def __init__(
-        self, spatial_dims: int, in_channels: int, out_channels: int, norm: NormType, act: ActType, dropout: float
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        norm: NormType,
+        act: ActType,
+        dropout: float,
+        adn_ordering: str = "NAD",
     ) -> None:
         super().__init__()
         self.add_module("max_pooling", Pool["MAX", spatial_dims](kernel_size=2))
-        self.add_module("convs", ConvBlock(spatial_dims, in_channels, out_channels, norm, act, dropout))
+        self.add_module("convs", ConvBlock(spatial_dims, in_channels, out_channels, norm, act, dropout, adn_ordering))
 
 
 class Encoder(nn.Module):
@@ -130,6 +159,9 @@ class Encoder(nn.Module):
             parameters and without running statistics (so train and eval modes normalise identically).
         act: MONAI activation name or ``(name, kwargs)``.
         spatial_dims: 3 for volumes (2 works too, for tests and 2D experiments).
+        adn_ordering: ``"NAD"`` (conv -> norm -> activation -> dropout, the paper's order) or ``"NDA"`` (dropout
+            before the activation: MONAI ``TwoConv``, i.e. the authors' released encoders exactly, also in training
+            mode). The same function whenever dropout is inactive (eval mode, or ``dropout=0``).
 
     Every spatial size of the input must be divisible by ``2 ** (len(features) - 1)`` (16 for five levels),
     and with instance norm the deepest map needs at least two voxels (so ``16^3`` is too small for five levels,
@@ -144,6 +176,7 @@ class Encoder(nn.Module):
         norm: NormType = "instance",
         act: ActType = "gelu",
         spatial_dims: int = 3,
+        adn_ordering: str = "NAD",
     ) -> None:
         super().__init__()
         features = tuple(int(f) for f in features)
@@ -152,9 +185,11 @@ class Encoder(nn.Module):
         self.in_channels = int(in_channels)
         self.features = features
         self.spatial_dims = int(spatial_dims)
-        levels: list[nn.Module] = [ConvBlock(spatial_dims, in_channels, features[0], norm, act, dropout)]
+        self.adn_ordering = _check_adn_ordering(adn_ordering)
+        unit = (norm, act, dropout, adn_ordering)
+        levels: list[nn.Module] = [ConvBlock(spatial_dims, in_channels, features[0], *unit)]
         for c_in, c_out in zip(features[:-1], features[1:], strict=True):
-            levels.append(_DownBlock(spatial_dims, c_in, c_out, norm, act, dropout))
+            levels.append(_DownBlock(spatial_dims, c_in, c_out, *unit))
         self.levels = nn.ModuleList(levels)
         # Instance norm cannot normalise a single voxel, so then the deepest map must hold at least two voxels.
         self._needs_two_deep_voxels = any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in self.modules())
@@ -232,6 +267,11 @@ class PooledEncoder(Encoder):
         for level in self.levels:
             x = level(x)
         return x.flatten(2).mean(dim=2)
+
+    @torch.jit.unused
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every level's feature map, shallowest first (what :meth:`Encoder.forward` returns)."""
+        return Encoder.forward(self, x)
 
 
 def pooled_encoder_from_weights(

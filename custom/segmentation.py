@@ -43,6 +43,7 @@ __all__ = [
     "build_inferer",
     "build_preprocessing",
     "train_transforms",
+    "load_settings",
     "load_trained",
     "BestModelExport",
 ]
@@ -186,17 +187,39 @@ def settings_path(weights: str | Path) -> Path:
     return Path(weights).with_suffix(".json")
 
 
+def load_settings(weights: str | Path) -> DownstreamSettings:
+    """The :class:`DownstreamSettings` that training wrote beside ``weights`` (``model.json`` beside ``model.pt``).
+
+    Inference configs build their ``network_def`` from it, so the network has the widths of the weights it loads.
+
+    Raises:
+        InputError: no weights or no settings file, naming the file and the ``--model_path`` option.
+    """
+    weights = Path(weights)
+    meta = settings_path(weights)
+    if not weights.is_file():
+        raise InputError(
+            f"{weights}: no trained weights; train the bundle first (or pass --model_path <model.pt>, with its "
+            "model.json beside it)"
+        )
+    if not meta.is_file():
+        raise InputError(f"{meta}: settings of the trained model are missing (written by training beside {weights})")
+    try:
+        record = json.loads(meta.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{meta}: not valid JSON ({err})") from err
+    if not isinstance(record, dict):
+        raise InputError(f"{meta}: expected a JSON object of settings")
+    return DownstreamSettings.from_dict(record)
+
+
 def load_trained(
     weights: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[FrozenEncoderUNet, DownstreamSettings]:
     """Rebuild a trained downstream network from ``model.pt`` and its ``model.json`` settings."""
     weights = Path(weights)
     meta = settings_path(weights)
-    if not weights.is_file():
-        raise InputError(f"{weights}: no trained weights; train the bundle first (or pass --model <model.pt>)")
-    if not meta.is_file():
-        raise InputError(f"{meta}: settings of the trained model are missing (written by training beside {weights})")
-    settings = DownstreamSettings.from_dict(json.loads(meta.read_text()))
+    settings = load_settings(weights)
     network = build_network(settings, pretrained_encoder=None)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     try:

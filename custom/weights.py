@@ -4,8 +4,9 @@ The networks in :mod:`custom.networks` name their encoder tensors ``levels.<i>..
 supported source onto those keys with an explicit mapping and reports how many tensors were copied (loading
 zero tensors is an error). Sources: a plain encoder state dict (a bundle's ``models/model.pt``), a full
 ``PretrainingModel`` / ``FrozenEncoderUNet`` state dict (keys ``encoder.*``), an ignite checkpoint holding
-either, a MONAI bundle folder or a packaged bundle zip. ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``)
-prefixes are stripped first.
+either, a MONAI bundle folder or a packaged bundle zip, and the authors' released encoders (keys ``conv_0.*``,
+``down_<k>.*`` of MONAI ``BasicUNet`` parts, mapped by :mod:`custom.authors_weights`; such a file loads completely
+or not at all). ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``) prefixes are stripped first.
 """
 
 from __future__ import annotations
@@ -13,14 +14,23 @@ from __future__ import annotations
 import io
 import logging
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-__all__ = ["read_weights", "load_encoder_weights", "encoder_state_dict", "encoder_features_of"]
+__all__ = [
+    "read_weights",
+    "load_encoder_weights",
+    "encoder_state_dict",
+    "encoder_features_of",
+    "encoder_features_or",
+    "is_authors_weights",
+    "raw_encoder_entries",
+    "require_weights",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +48,7 @@ def encoder_features_of(state: Mapping[str, Any]) -> tuple[int, ...]:
     Read from the output channels of the last convolution of every level (``levels.<i>...conv.weight``), so a
     bundle can rebuild its encoder from the weights alone. Raises ``ValueError`` when no level is found.
     """
-    entries = _encoder_entries(_unwrap_checkpoint(state, "<state dict>"))
+    entries = raw_encoder_entries(state, "<state dict>")
     widths: dict[int, int] = {}
     for key, value in entries.items():
         parts = key.split(".")
@@ -47,6 +57,29 @@ def encoder_features_of(state: Mapping[str, Any]) -> tuple[int, ...]:
     if not widths or sorted(widths) != list(range(len(widths))):
         raise ValueError(f"cannot read encoder widths: no levels.<i>.*.conv.weight keys in {sorted(entries)[:5]}")
     return tuple(widths[i] for i in range(len(widths)))
+
+
+def encoder_features_or(path: str | Path, default: Sequence[int]) -> tuple[int, ...]:
+    """Widths of the encoder weights at ``path`` (any source :func:`read_weights` takes) when it exists, else
+    ``default``: a bundle config builds its network with the widths of the weights it ships, and still builds one
+    (``default``, e.g. for ``verify_net_in_out``) where no weights are present yet."""
+    if not Path(path).exists():
+        return tuple(int(f) for f in default)
+    return encoder_features_of(read_weights(path))
+
+
+def require_weights(path: str | Path) -> Path:
+    """``path`` if it is a file, else :class:`~custom.errors.InputError` saying how to get encoder weights there."""
+    from custom.errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(
+            f"{path}: no encoder weights. Train them (the bundle's train.yaml, or `make weights` in the repository), "
+            "convert one of the authors' released encoders with `seqinv import-encoder <file> --out <model.pt>`, "
+            "or pass --model_path <model.pt>"
+        )
+    return path
 
 
 def _strip_wrappers(key: str) -> str:
@@ -79,17 +112,41 @@ def _unwrap_checkpoint(obj: Any, source: str) -> Mapping[str, Any]:
     return obj
 
 
-def _encoder_entries(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def _encoder_entries(state: Mapping[str, Any], source: str = "<state dict>") -> dict[str, torch.Tensor]:
     """Map a state dict to encoder keys.
 
     Wrapper prefixes are stripped; if any key starts with ``encoder.`` (a full ``PretrainingModel`` or
     ``FrozenEncoderUNet`` state dict), only those keys are kept, without the prefix; otherwise every key
-    is taken as an encoder key (an encoder-only state dict). Non-tensor values are ignored.
+    is taken as an encoder key (an encoder-only state dict). Keys in the authors' layout (``conv_0.*``,
+    ``down_<k>.*``) are then mapped onto ``levels.<i>.*`` (:func:`custom.authors_weights.authors_to_encoder_keys`,
+    which refuses any other key). Non-tensor values are ignored.
     """
+    from custom.authors_weights import authors_to_encoder_keys, is_authors_state
+
     tensors = {_strip_wrappers(str(k)): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if any(k.startswith(_ENCODER_PREFIX) for k in tensors):
-        return {k[len(_ENCODER_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_ENCODER_PREFIX)}
+        tensors = {
+            _strip_wrappers(k[len(_ENCODER_PREFIX) :]): v for k, v in tensors.items() if k.startswith(_ENCODER_PREFIX)
+        }
+    if is_authors_state(tensors):
+        return authors_to_encoder_keys(tensors, source)
     return tensors
+
+
+def raw_encoder_entries(raw: Any, source: str = "<state dict>") -> dict[str, torch.Tensor]:
+    """The encoder tensors of a loaded weights object (checkpoint containers unwrapped), under ``levels.<i>`` keys."""
+    return _encoder_entries(_unwrap_checkpoint(raw, source), source)
+
+
+def is_authors_weights(raw: Any, source: str) -> bool:
+    """Whether the loaded weights ``raw`` are one of the authors' released encoders (their ``conv_0`` /
+    ``down_<k>`` keys, checked before any mapping)."""
+    from custom.authors_weights import is_authors_state
+
+    state = _unwrap_checkpoint(raw, source)
+    keys = [_strip_wrappers(str(k)) for k, v in state.items() if isinstance(v, torch.Tensor)]
+    keys = [_strip_wrappers(k[len(_ENCODER_PREFIX) :]) if k.startswith(_ENCODER_PREFIX) else k for k in keys]
+    return is_authors_state(keys)
 
 
 def _read_zipped_weights(path: Path) -> Mapping[str, Any]:
@@ -155,7 +212,9 @@ def load_encoder_weights(encoder: nn.Module, source: str | Path | Mapping[str, A
             * a MONAI bundle folder (``<folder>/models/model.pt``, or ``<folder>/model.pt``);
             * such a dict itself.
 
-            ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``) prefixes are stripped first.
+            ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``) prefixes are stripped first. The authors'
+            released encoders (``{"config", "state_dict"}`` with keys ``conv_0.*``, ``down_<k>.*``) are recognised
+            and mapped (:mod:`custom.authors_weights`); they must fill the encoder exactly.
         strict_widths: a key present in both with different shapes (an encoder of other widths) raises
             ``ValueError``; with ``False`` such tensors are skipped with a warning instead.
 
@@ -169,7 +228,12 @@ def load_encoder_weights(encoder: nn.Module, source: str | Path | Mapping[str, A
     """
     name = "<state dict>" if isinstance(source, Mapping) else str(source)
     raw = source if isinstance(source, Mapping) else read_weights(source)
-    entries = _encoder_entries(_unwrap_checkpoint(raw, name))
+    entries = raw_encoder_entries(raw, name)
+    authors = is_authors_weights(raw, name)
+    if authors:  # the authors' released encoders: their config must describe this encoder, and all of it loads
+        from custom.authors_weights import authors_config, check_authors_config
+
+        check_authors_config(authors_config(raw), encoder_features_of(entries), name)
 
     own = encoder.state_dict()
     stats_in_source = any(k.endswith("running_mean") for k in entries)
@@ -204,6 +268,11 @@ def load_encoder_weights(encoder: nn.Module, source: str | Path | Mapping[str, A
             own[k].copy_(v)  # state_dict() tensors share storage with the parameters/buffers
     missing = sorted(set(own) - set(matched))
     unused = sorted(set(entries) - set(own))
+    if authors and (missing or unused):
+        raise ValueError(
+            f"{name}: the authors' encoder does not fill this encoder exactly ({len(matched)}/{len(own)} tensors "
+            f"match; missing {missing[:5]}, unexpected {unused[:5]}); refusing a partial load"
+        )
     logger.info("loaded pretrained encoder from %s: copied %d/%d tensors", name, len(matched), len(own))
     if missing:
         logger.warning("%d encoder tensor(s) not in %s, left as initialised: %s", len(missing), name, missing[:5])
