@@ -40,20 +40,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import resource
+import statistics
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 from simulate import median_seconds  # same timing rule as the simulation benchmark (run as a script from benchmarks/)
 
+from custom.fast_inference import inference_copy, window_count
 from custom.inference import NiftiPredictor, validate_nifti
 from custom.segmentation import DownstreamSettings, build_inferer, build_network, build_preprocessing, load_trained
 
@@ -115,13 +119,6 @@ def build(config: str, model: str | None, device: torch.device) -> tuple[torch.n
     return network, settings, f"--config {config}, fresh network (random weights)"
 
 
-def window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
-    """Windows a MONAI sliding window visits over ``shape`` (same scan interval and padding as MONAI)."""
-    padded = [max(int(s), int(r)) for s, r in zip(shape, roi, strict=True)]
-    interval = [int(r) if s == r else max(int(r * (1 - overlap)), 1) for s, r in zip(padded, roi, strict=True)]
-    return len(dense_patch_slices(padded, [int(r) for r in roi], interval))
-
-
 # ---------------------------------------------------------------- timing and memory
 
 
@@ -156,6 +153,272 @@ def measure(name: str, fn: Callable[[], object], repeats: int, device: torch.dev
     return Stage(name, seconds, after, after - before)
 
 
+# ---------------------------------------------------------------- variants (--variants)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run the network part of ``predict_file``: a description and the keywords of ``build_inferer``
+    (``None``: MONAI's ``sliding_window_inference`` with its defaults); ``autocast``: bfloat16 ``torch.autocast``."""
+
+    description: str
+    inferer: dict[str, object] | None
+    autocast: bool = False
+
+
+FAST = {"precision": "bf16", "channels_last": True}
+VARIANTS: dict[str, Variant] = {
+    "current": Variant("build_inferer defaults: fp32, overlap 0.25, gaussian, sw_batch_size 4 (reference)", {}),
+    "monai_default": Variant("sliding_window_inference defaults: fp32, overlap 0.25, constant, sw_batch_size 1", None),
+    "fp32_cl": Variant("fp32, channels-last copy (group-norm instance norm)", {"channels_last": True}),
+    "bf16_autocast": Variant("current path under torch.autocast(cpu, bfloat16)", {}, autocast=True),
+    "bf16": Variant("bfloat16 copy of the network", {"precision": "bf16"}),
+    "bf16_cl": Variant("bfloat16 channels-last copy", dict(FAST)),
+    "bf16_cl_sw1": Variant("bf16_cl, sw_batch_size 1", {**FAST, "sw_batch_size": 1}),
+    "fp32_crop": Variant("fp32, foreground crop (margin 4)", {"crop_foreground": True}),
+    "bf16_cl_crop": Variant("bf16_cl + foreground crop (margin 4)", {**FAST, "crop_foreground": True}),
+    "bf16_cl_crop_ov0": Variant(
+        "bf16_cl + crop + overlap 0 (fewest windows)", {**FAST, "crop_foreground": True, "overlap": 0.0}
+    ),
+    "bf16_cl_crop_m16_ov0": Variant(
+        "bf16_cl + crop margin 16 + overlap 0",
+        {**FAST, "crop_foreground": True, "crop_margin": 16, "overlap": 0.0},
+    ),
+    "bf16_cl_crop_whole": Variant(
+        "bf16_cl + crop + one whole-volume pass", {**FAST, "crop_foreground": True, "whole_volume": True}
+    ),
+    "fp32_crop_whole": Variant("fp32 + crop + one whole-volume pass", {"crop_foreground": True, "whole_volume": True}),
+}
+#: ``--variants`` with no names: the reference, MONAI's default and the fast candidates.
+DEFAULT_VARIANTS: tuple[str, ...] = (
+    "current",
+    "monai_default",
+    "bf16_cl",
+    "bf16_cl_crop",
+    "bf16_cl_crop_ov0",
+    "bf16_cl_crop_whole",
+)
+
+
+class TimedInferer:
+    """Calls ``inferer(x, network)`` (under bfloat16 autocast when asked) and records the seconds of each call."""
+
+    def __init__(self, inferer: Callable[..., torch.Tensor], autocast: bool = False) -> None:
+        self.inferer, self.autocast, self.seconds = inferer, autocast, []  # type: list[float]
+
+    def __call__(self, x: torch.Tensor, network: Callable[..., torch.Tensor]) -> torch.Tensor:
+        context = torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        start = time.perf_counter()
+        with context:
+            out = self.inferer(x, network)
+        self.seconds.append(time.perf_counter() - start)
+        return out.float() if isinstance(out, torch.Tensor) else out
+
+
+def current_rss_mib() -> float:
+    """The process's resident set size now (Linux ``/proc/self/statm``; elsewhere the max RSS so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * resource.getpagesize() / MIB
+    except OSError:
+        return max_rss_mib()
+
+
+@contextlib.contextmanager
+def peak_rss(result: list[float], interval: float = 0.05) -> Iterator[None]:
+    """Samples the RSS every ``interval`` seconds in a thread; appends ``peak - before`` (MiB) to ``result``."""
+    before, peak, done = current_rss_mib(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], current_rss_mib())
+            done.wait(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        result.append(max(peak[0], current_rss_mib()) - before)
+
+
+def label_agreement(labels: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """Share of voxels with the same label: over every voxel, and over the voxels either map calls foreground."""
+    same = labels == reference
+    foreground = (labels != 0) | (reference != 0)
+    fg = float(same[foreground].mean()) if foreground.any() else 1.0
+    return float(same.mean()), fg
+
+
+def run_variants(args: argparse.Namespace, device: torch.device, config: str, amp: bool) -> None:
+    """End-to-end seconds (``predict_file``) and label agreement with ``current`` for each variant."""
+    names = list(args.variants) or list(DEFAULT_VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    if "current" in names:  # the reference runs first, so agreement can be computed for every other variant
+        names = ["current", *[n for n in names if n != "current"]]
+    with tempfile.TemporaryDirectory(prefix="infer_bench_") as tmp:
+        folder = Path(tmp)
+        path = write_template(folder)
+        network, settings, origin = build(config, args.model, device)
+        roi = tuple(int(r) for r in settings.patch_size)
+        preprocessing = build_preprocessing(settings)
+        x = preprocessing({"image": str(path)})["image"].as_tensor()[None]
+        n_params = sum(p.numel() for p in network.parameters())
+        print(f"device {device}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads; amp {amp}")
+        print(f"load average (1, 5, 15 min) at start: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+        print(f"network: {origin}; {n_params / 1e6:.2f} M parameters")
+        print(
+            f"  encoder {list(settings.encoder_features)}, decoder {list(settings.decoder_features)}, "
+            f"windows {list(roi)}, pixdim {list(settings.pixdim)} mm, {settings.out_channels} classes"
+        )
+        print(f"volume {tuple(nib.load(str(path)).shape)} (MNI152 T1, nilearn) -> preprocessed {tuple(x.shape[2:])}")
+        print(f"each variant: {args.warmup} untimed call(s), then median of {args.repeats} timed predict_file call(s)")
+        rows: list[dict[str, object]] = []
+        reference: np.ndarray | None = None
+        for name in names:
+            variant = VARIANTS[name]
+            if variant.inferer is None:
+                inferer: Callable[..., torch.Tensor] = lambda x, net: sliding_window_inference(  # noqa: E731
+                    x, roi, BASE_SW_BATCH, net, overlap=BASE_OVERLAP
+                )
+            else:
+                keywords = {"overlap": OUR_OVERLAP, "sw_batch_size": OUR_SW_BATCH, **variant.inferer}
+                inferer = build_inferer(settings, **keywords)  # type: ignore[arg-type]
+            timed = TimedInferer(inferer, autocast=variant.autocast)
+            predictor = NiftiPredictor(
+                network=network,
+                inferer=timed,
+                preprocessing=preprocessing,
+                output_dir=folder / name,
+                task="segmentation",
+                output_postfix="seg",
+                num_classes=int(settings.out_channels),
+                device=device,
+                amp=amp,
+            )
+            for _ in range(args.warmup):
+                predictor.predict_file(path)
+            timed.seconds.clear()
+            seconds, memory = [], []  # type: list[float], list[float]
+            for _ in range(args.repeats):
+                with peak_rss(memory):
+                    start = time.perf_counter()
+                    result = predictor.predict_file(path)
+                    seconds.append(time.perf_counter() - start)
+            labels = np.asarray(nib.load(str(result["output"])).dataobj)
+            if name == "current":
+                reference = labels
+            agree = label_agreement(labels, reference) if reference is not None else (float("nan"),) * 2
+            last = getattr(inferer, "last_run", {})
+            windows = last.get("windows", window_count(x.shape[2:], roi, BASE_OVERLAP))
+            row = dict(
+                name=name,
+                windows=windows,
+                region=last.get("region", tuple(x.shape[2:])),
+                seconds=statistics.median(seconds),
+                all_seconds=seconds,
+                network=statistics.median(timed.seconds),
+                agree=agree[0],
+                agree_fg=agree[1],
+                rss=max(memory),
+            )
+            rows.append(row)
+            print(
+                f"  {name}: {row['seconds']:.1f} s end to end ({', '.join(f'{t:.1f}' for t in seconds)}), network "
+                f"{row['network']:.1f} s, {windows} window(s) over {row['region']}, agreement {agree[0]:.4f} "
+                f"(foreground {agree[1]:.4f})",
+                flush=True,
+            )
+    print_variant_table(rows, args)
+
+
+def print_variant_table(rows: list[dict[str, object]], args: argparse.Namespace) -> None:
+    """The variants table: seconds, speed-ups against ``current`` and ``monai_default``, agreement, memory."""
+    by_name = {str(r["name"]): r for r in rows}
+    current = by_name.get("current", {}).get("seconds")
+    monai = by_name.get("monai_default", {}).get("seconds")
+
+    def ratio(base: object, seconds: float) -> str:
+        return f"{float(base) / seconds:>8.2f}x" if base else f"{'-':>9}"  # type: ignore[arg-type]
+
+    print()
+    print(
+        f"{'variant':<22} {'windows':>7} {'e2e s':>8} {'net s':>8} {'vs curr':>9} {'vs MONAI':>9} "
+        f"{'agree':>7} {'agree fg':>8} {'peak RSS +MiB':>13}"
+    )
+    for r in rows:
+        seconds = float(r["seconds"])  # type: ignore[arg-type]
+        agree = f"{float(r['agree']):>7.4f} {float(r['agree_fg']):>8.4f}"  # type: ignore[arg-type]
+        print(
+            f"{str(r['name']):<22} {int(r['windows']):>7} {seconds:>8.1f} {float(r['network']):>8.1f} "  # type: ignore[arg-type]
+            f"{ratio(current, seconds)} {ratio(monai, seconds)} {agree} {float(r['rss']):>13.0f}"  # type: ignore[arg-type]
+        )
+    print()
+    for r in rows:
+        print(f"  {str(r['name']):<22} {VARIANTS[str(r['name'])].description}")
+    print(
+        "e2e: predict_file (validate, preprocess, network, softmax, resample back, argmax, write); net: the inferer "
+        "call alone; vs curr / vs MONAI: speed-up (their e2e seconds / this e2e); agree: share of voxels of the "
+        "written label map equal to current's, over all voxels and over the voxels either calls non-background; "
+        "peak RSS: highest resident memory during a call above the process's before it"
+    )
+
+
+# ---------------------------------------------------------------- one window (--windows)
+
+
+def run_windows(args: argparse.Namespace, device: torch.device, config: str, amp: bool) -> None:
+    """Seconds per roi-sized window (the centre of the preprocessed volume) for each precision / layout setup."""
+    del amp
+    with tempfile.TemporaryDirectory(prefix="infer_bench_") as tmp:
+        path = write_template(Path(tmp))
+        network, settings, origin = build(config, args.model, device)
+        x_full = build_preprocessing(settings)({"image": str(path)})["image"].as_tensor()[None]
+    roi = tuple(int(r) for r in settings.patch_size)
+    start = [max((s - r) // 2, 0) for s, r in zip(x_full.shape[2:], roi, strict=True)]
+    x = x_full[(slice(None), slice(None), *(slice(b, b + r) for b, r in zip(start, roi, strict=True)))].to(device)
+    print(f"device {device}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"load average (1, 5, 15 min) at start: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"network: {origin}; one window {tuple(x.shape)} from the centre of the MNI152 volume")
+    copies = {
+        "fp32": (network, torch.float32, False, False),
+        "fp32_cl": (inference_copy(network, torch.float32, True), torch.float32, True, False),
+        "bf16_autocast": (network, torch.float32, False, True),
+        "bf16": (inference_copy(network, torch.bfloat16, False), torch.bfloat16, False, False),
+        "bf16_cl": (inference_copy(network, torch.bfloat16, True), torch.bfloat16, True, False),
+    }
+    reference: torch.Tensor | None = None
+    print(f"{'setup':<14} {'seconds':>8} {'vs fp32':>8} {'argmax agree':>13}")
+    base = None
+    for name, (net, dtype, channels_last, autocast) in copies.items():
+        inp = x.to(dtype)
+        if channels_last:
+            inp = inp.contiguous(memory_format=torch.channels_last_3d)
+        context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+
+        def call(net: torch.nn.Module = net, inp: torch.Tensor = inp, context: object = context) -> torch.Tensor:
+            with torch.inference_mode(), context:  # type: ignore[attr-defined]
+                return net(inp).float()
+
+        out = call()  # warm-up, and the output for the agreement
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        seconds = statistics.median(times)
+        labels = out.argmax(1)
+        if reference is None:
+            reference, base = labels, seconds
+        agree = float((labels == reference).float().mean())
+        print(f"{name:<14} {seconds:>8.2f} {base / seconds:>7.2f}x {agree:>13.4f}", flush=True)
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -169,20 +432,28 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--amp", action=argparse.BooleanOptionalAction, default=None, help="float16 autocast (default: on CUDA)"
     )
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=None,
+        metavar="NAME",
+        help=f"variants table instead of the stage table; no names: {' '.join(DEFAULT_VARIANTS)}; all: "
+        f"{' '.join(VARIANTS)}",
+    )
+    parser.add_argument("--windows", action="store_true", help="seconds per window for each precision / layout")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per variant (default: 1, paper: 0)")
     args = parser.parse_args()
+    if args.variants is not None and args.variants == ["all"]:
+        args.variants = list(VARIANTS)
+    if args.warmup is None:
+        args.warmup = 0 if args.config == "paper" or args.model else 1
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     return args
 
 
-def main() -> None:
-    args = parse_args()
-    device = torch.device(args.device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    config = args.config or ("paper" if device.type == "cuda" else "cpu_small")
-    amp = device.type == "cuda" if args.amp is None else bool(args.amp)
-
+def run_stages(args: argparse.Namespace, device: torch.device, config: str, amp: bool) -> None:
+    """The stage table: pre, network (ours and MONAI's default), post, end to end, memory."""
     with tempfile.TemporaryDirectory(prefix="infer_bench_") as tmp:
         folder = Path(tmp)
         path = write_template(folder)
@@ -277,6 +548,21 @@ def main() -> None:
         f"(ours: gaussian blending, sw_batch_size {OUR_SW_BATCH}; baseline: constant blending, "
         f"sw_batch_size {BASE_SW_BATCH})"
     )
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    config = args.config or ("paper" if device.type == "cuda" else "cpu_small")
+    amp = device.type == "cuda" if args.amp is None else bool(args.amp)
+    if args.variants is not None:
+        run_variants(args, device, config, amp)
+    elif args.windows:
+        run_windows(args, device, config, amp)
+    else:
+        run_stages(args, device, config, amp)
 
 
 if __name__ == "__main__":
