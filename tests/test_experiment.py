@@ -50,9 +50,12 @@ def _grid(tmp_path: Path, **extra) -> dict:
 
 
 def test_grid_cells_commands_and_paths(tmp_path):
+    raw = _grid(tmp_path, data_root="data/x")
+    raw["tasks"]["tissue_seg"]["fraction_overrides"] = {"1subject": {"train_repeats": 9}, 0.1: {"train_repeats": 4}}
     grid = resolve_grid(
         _grid(
             tmp_path,
+            tasks=raw["tasks"],
             data_root="data/x",
             overrides={"labels_dir": "labs/", "max_epochs": 3},
             train_configs=["cpu_small.yaml"],
@@ -88,6 +91,8 @@ def test_grid_cells_commands_and_paths(tmp_path):
     fraction_cell = next(c for c in cells if c.name == "tissue_seg-T1-0.1-random-s1")
     fargs = fraction_cell.train_args(tmp_path)
     assert fargs["fraction"] == 0.1 and "train_subjects" not in fargs and fargs["seed"] == 1
+    assert fargs["train_repeats"] == 4 and args["--train_repeats"] == "9"  # per-fraction training overrides
+    assert "train_repeats" not in next(c for c in cells if c.fraction.key == "1.0").train_args(tmp_path)
     # the resolved grid loads again and gives the same cells
     (tmp_path / "resolved.yaml").write_text(grid.to_yaml())
     again = load_grid(tmp_path / "resolved.yaml", base=REPO)
@@ -104,6 +109,7 @@ def test_grid_cells_commands_and_paths(tmp_path):
         ({"colour": "red"}, "unknown grid key"),
         ({"encoders": {"mine": None}}, "has no weights"),
         ({"seeds": [0.5]}, "whole numbers"),
+        ({"tasks": {"tissue_seg": {"fractions": [1.0], "fraction_overrides": {0.1: {}}}}}, "not one of the task"),
         ({"train_configs": ["nope.yaml"]}, "nope.yaml"),
     ],
 )
@@ -118,6 +124,8 @@ def test_presets_and_overriding_a_preset(tmp_path):
     assert set(cpu.tasks) == {"tissue_seg", "denoise"} and cpu.seeds == [0, 1]
     assert all(c.train_configs[-1].endswith("cpu_small.yaml") for c in cpu.cells())
     assert cpu.encoders["seqinv"].endswith("runs/compare/seqinv_s0/model.pt")
+    one = next(c for c in cpu.cells() if c.name == "denoise-T1-1subject-seqinv-s0").train_args(tmp_path)
+    assert one["train_subjects"] == 1 and one["train_repeats"] == 100 and one["max_epochs"] == 10
     paper = load_grid(preset="paper", base=REPO)
     assert len(paper.cells()) == 4 * 3 * 9 * 3  # encoders x fractions x (3 tasks x 3 contrasts) x seeds
     assert paper.tasks["lesion_seg"]["contrasts"] == ["T1w", "T2w", "FLAIR"]

@@ -11,6 +11,7 @@ A grid is a YAML mapping (see the README, "Experiments")::
         fractions: [1subject, 1.0]  # "<N>subject(s)" = N training subjects; a number in (0, 1] = a fraction
         train_configs: [cpu_small.yaml]
         overrides: {max_epochs: 20}
+        fraction_overrides: {1subject: {train_repeats: 5}}   # training overrides of one fraction's cells
     seeds: [0, 1]
     data_root: data/synth24         # optional: IXI tasks use <data_root>/ixi, lesion_seg <data_root>/arc
     overrides: {}                   # --key value for training and evaluation of every cell
@@ -88,7 +89,7 @@ _TOP_KEYS = {
 }  # fmt: skip
 _TASK_KEYS = {
     "contrasts", "fractions", "metrics", "bundle", "overrides", "train_overrides", "eval_overrides",
-    "train_configs", "eval_configs", "data_root",
+    "train_configs", "eval_configs", "data_root", "fraction_overrides",
 }  # fmt: skip
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+]*$")
 _SUBJECTS = re.compile(r"^\s*(\d+)\s*_?\s*(?:subjects?|subj)\s*$", re.IGNORECASE)
@@ -388,8 +389,11 @@ class Grid:
                 common.update(spec["overrides"])
                 train = {**common, **self.train_overrides, **spec["train_overrides"]}
                 evaluate = {**common, **self.eval_overrides, **spec["eval_overrides"]}
+                per_fraction = spec.get("fraction_overrides", {})
                 for contrast in spec["contrasts"]:
                     for fraction in spec["fractions"]:
+                        fkey = parse_fraction(fraction).key
+                        cell_train = {**train, **per_fraction.get(fkey, {})}
                         for encoder, path in self.encoders.items():
                             out.append(
                                 Cell(
@@ -402,7 +406,7 @@ class Grid:
                                     seed=int(seed),
                                     train_configs=train_configs,
                                     eval_configs=eval_configs,
-                                    train_overrides=train,
+                                    train_overrides=cell_train,
                                     eval_overrides=evaluate,
                                 )
                             )
@@ -518,6 +522,14 @@ def resolve_grid(raw: Mapping[str, Any], base: str | Path | None = None) -> Grid
             "train_overrides": _check_overrides(_mapping(spec.get("train_overrides"), f"{task}: train"), task, base),
             "eval_overrides": _check_overrides(_mapping(spec.get("eval_overrides"), f"{task}: eval"), task, base),
         }
+        per_fraction = {}
+        for fraction, values in _mapping(spec.get("fraction_overrides"), f"tasks: {task}: fraction_overrides").items():
+            key = parse_fraction(fraction).key
+            if key not in {parse_fraction(f).key for f in fractions}:
+                raise GridError(f"tasks: {task}: fraction_overrides: {fraction!r} is not one of the task's fractions")
+            per_fraction[key] = _check_overrides(_mapping(values, f"{task}: {fraction}"), f"{task}: {fraction}", base)
+        if per_fraction:
+            tasks[task]["fraction_overrides"] = per_fraction
         if not tasks[task]["data_root"]:
             del tasks[task]["data_root"]
 
@@ -576,7 +588,13 @@ def load_grid(path: str | Path | None = None, preset: str | None = None, base: s
     if preset and raw.get("preset") and raw["preset"] != preset:
         raise GridError(f"--preset {preset} but {path} says preset: {raw['preset']}; give one")
     if name:
-        raw = _deep_merge(preset_grid(str(name)), {k: v for k, v in raw.items() if k != "preset"})
+        base_grid = preset_grid(str(name))
+        top = {k: v for k, v in raw.items() if k != "preset"}
+        for key in ("encoders", "tasks"):  # a list keeps only those of the preset (encoders: [random, seqinv])
+            if isinstance(top.get(key), list):
+                top[key] = {str(k): base_grid.get(key, {}).get(str(k)) for k in top[key]}
+                base_grid[key] = {}
+        raw = _deep_merge(base_grid, top)
         raw["preset"] = str(name)
     if not raw:
         raise GridError("give --grid grid.yaml or --preset cpu|paper")

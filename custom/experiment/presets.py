@@ -18,7 +18,8 @@ CPU: dict[str, Any] = {
     "description": (
         "CPU preset: tissue segmentation and denoising on T1, 1 training subject vs all, random / Base / SeqAug / "
         "SeqInv encoders of benchmarks/pretrain_compare.py (seed 0), 2 seeds, each bundle's cpu_small.yaml with "
-        "shortened schedules; about 2 h on 2 idle cores with the 24-subject synthetic data set."
+        "shortened schedules (the same number of steps for 1 subject as for all); about 2 h on 2 idle cores with the "
+        "24-subject synthetic data set."
     ),
     "encoders": {
         "random": "random",
@@ -33,16 +34,21 @@ CPU: dict[str, Any] = {
             "fractions": ["1subject", 1.0],
             "metrics": ["dice_mean", "hd95_mean"],
             "train_configs": ["cpu_small.yaml"],
-            # cpu_small.yaml runs 100 epochs (36-49 min per model); 30 epochs keeps a cell near 4 min
-            "train_overrides": {"max_epochs": 30, "val_interval": 10},
+            # cpu_small.yaml: 100 epochs of 2 images x 4 patches (36-49 min per model); here 25 epochs of 2 x 2
+            "train_overrides": {"max_epochs": 25, "val_interval": 5, "samples_per_image": 2},
+            # the same number of steps as all 5 GST training subjects of the 24-subject synthetic set (3 per epoch)
+            "fraction_overrides": {"1subject": {"train_repeats": 6}},
         },
         "denoise": {
             "contrasts": ["T1"],
             "fractions": ["1subject", 1.0],
             "metrics": ["psnr_denoised", "ssim_denoised", "psnr_gain"],
             "train_configs": ["cpu_small.yaml"],
-            # cpu_small.yaml: 30 epochs x 20 repeats (17-21 min per model); 6 epochs keeps a cell near 3 min
-            "train_overrides": {"max_epochs": 6, "val_interval": 3},
+            # cpu_small.yaml: 30 epochs of 50 steps (17-21 min per model); 10 epochs = 500 steps, about the fewest
+            # with which a noise-predicting decoder beats predicting zero (docs of ixi_denoise)
+            "train_overrides": {"max_epochs": 10, "val_interval": 5},
+            # one subject drawn 100 times per epoch: 50 steps per epoch, as 5 subjects x 20 repeats
+            "fraction_overrides": {"1subject": {"train_repeats": 100}},
         },
     },
 }
