@@ -12,6 +12,8 @@ Commands:
     seqinv fetch --name ixi_tissue_seg --url file:///.../ixi_tissue_seg_v0.1.0.zip --bundle_dir X \
         --model_info dist/model_info.json                     (download, check sha256, install with MONAI)
     seqinv import-encoder midl-2025-seq-inv.pt --out model.pt (the authors' released encoder -> our encoder weights)
+    seqinv experiment --grid grid.yaml --out runs/experiment [--preset cpu|paper] [--dry_run]
+                                                              (encoder x task x fraction x contrast x seed grid)
 """
 
 from __future__ import annotations
@@ -278,6 +280,27 @@ class Commands:
 
         folder = fetch_bundle(name, url, bundle_dir, model_info, version=version)
         print(f"installed {folder}; run e.g. python -m monai.bundle run --config_file {folder}/configs/inference.yaml")
+
+    def experiment(
+        self, grid: str | None = None, out: str = "runs/experiment", preset: str | None = None, dry_run: bool = False
+    ) -> None:
+        """Train and evaluate every cell of an experiment grid (README, "Experiments"); resumable.
+
+        Each cell is one ``python -m monai.bundle run training`` and one ``run evaluating`` of a downstream bundle
+        in ``<out>/cells/<cell>/`` (log: ``log.txt``); finished cells are skipped. Writes ``<out>/grid.yaml`` (the
+        resolved grid), ``results.csv``, ``tables.md`` and ``figure.png``. Exit code 1 when a cell failed.
+
+        Args:
+            grid: grid YAML file (encoders, tasks, fractions, contrasts, seeds, overrides).
+            out: output folder.
+            preset: ``cpu`` or ``paper``; with ``--grid`` the file's keys override the preset's.
+            dry_run: list the cells and write ``grid.yaml`` without running anything.
+        """
+        from custom.experiment import run_experiment
+
+        result = run_experiment(grid=grid, out=out, preset=preset, dry_run=bool(dry_run))
+        if result.failed:
+            raise SystemExit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -309,6 +309,7 @@ def arc_datalist(
     require_labels: bool = True,
     output_json: str | Path | None = None,
     synthesize_if_missing: bool | None = None,
+    train_subjects: int | None = None,
 ) -> dict[str, object]:
     """Build the paper's ARC lesion-segmentation datalist for one contrast.
 
@@ -335,6 +336,8 @@ def arc_datalist(
         synthesize_if_missing: create the synthetic data set when ``dataset_dir`` is missing or empty. ``None``
             (default) does so only for the embedded default location ``data/synthetic/arc``; a folder you name
             yourself that is missing is an error, never silently replaced by synthetic data.
+        train_subjects: a number of training subjects (e.g. 1) instead of ``fraction`` (see
+            :func:`custom.data.ixi.training_subset`); ``None`` uses ``fraction``.
 
     Raises:
         ARCDatasetError: missing folder or images, no lesion mask at all (with ``require_labels``), a bad
@@ -380,7 +383,7 @@ def arc_datalist(
         by_subject.setdefault(item["subject"], []).append(item)
     split = split_subjects(by_subject, contrast, seed)
     train_all = split["training"]
-    chosen = set(training_subset(train_all, fraction))
+    chosen = set(training_subset(train_all, fraction, train_subjects))
 
     def images(subjects: Iterable[str]) -> list[dict[str, str]]:
         return [item for subject in sorted(subjects) for item in by_subject[subject]]
@@ -400,11 +403,13 @@ def arc_datalist(
         "test": test,
         "fractions": sizes,
         "fraction": fraction,
+        "train_subjects": train_subjects,
         "contrast": contrast,
         "seed": int(seed),
     }
     logger.info(
-        f"ARC {contrast} datalist from {root}: {len(chosen)} training subjects (fraction {fraction} of "
+        f"ARC {contrast} datalist from {root}: {len(chosen)} training subjects "
+        f"({'fraction ' + str(fraction) if train_subjects is None else f'train_subjects {train_subjects}'} of "
         f"{len(train_all)}; {len(training)} images), {len(split['validation'])} validation and "
         f"{len(split['test'])} test subjects ({len(validation)} and {len(test)} images)"
     )

@@ -253,8 +253,26 @@ def _check_fraction(fraction: float) -> float:
     return value
 
 
-def training_subset(training: list[str], fraction: float) -> list[str]:
-    """The first :func:`subset_size` subjects of the (already permuted) training order: nested across fractions."""
+def _check_subjects(subjects: int, available: int) -> int:
+    try:
+        value = int(subjects)
+    except (TypeError, ValueError):
+        raise IXIDatasetError(f"train_subjects must be a whole number >= 1, got {subjects!r}") from None
+    if value != float(subjects) or value < 1:
+        raise IXIDatasetError(f"train_subjects must be a whole number >= 1, got {subjects!r}")
+    if value > available:
+        raise IXIDatasetError(f"train_subjects {value} is more than the {available} training subject(s) available")
+    return value
+
+
+def training_subset(training: list[str], fraction: float, subjects: int | None = None) -> list[str]:
+    """The first :func:`subset_size` subjects of the (already permuted) training order: nested across fractions.
+
+    ``subjects`` (a number of subjects, e.g. 1) replaces ``fraction`` when given: the first ``subjects`` of the same
+    order, so nested with the fractions too; more than there are is an error.
+    """
+    if subjects is not None:
+        return training[: _check_subjects(subjects, len(training))]
     return training[: subset_size(_check_fraction(fraction), len(training))]
 
 
@@ -284,6 +302,7 @@ def ixi_datalist(
     require_labels: bool = True,
     output_json: str | Path | None = None,
     synthesize_if_missing: bool | None = None,
+    train_subjects: int | None = None,
 ) -> dict[str, object]:
     """Build the paper's IXI datalist for one contrast.
 
@@ -309,6 +328,8 @@ def ixi_datalist(
         synthesize_if_missing: create the synthetic data set when ``dataset_dir`` is missing or empty. ``None``
             (default) does so only for the embedded default location ``data/synthetic/ixi``; a folder you name
             yourself that is missing is an error, never silently replaced by synthetic data.
+        train_subjects: a number of training subjects (e.g. 1) instead of ``fraction`` (see
+            :func:`training_subset`); ``None`` uses ``fraction``.
 
     Raises:
         IXIDatasetError: missing folder or images, a missing training/validation label, a bad fraction, contrast
@@ -336,7 +357,7 @@ def ixi_datalist(
     val = [by_subject[s] for s in split["validation"] if s in by_subject]
     test_gst = [by_subject[s] for s in split["test"] if s in by_subject]
     ood = sorted((i for i in items if i["site"] != IN_DOMAIN_SITE), key=lambda i: (i["site"], i["subject"]))
-    training = [by_subject[s] for s in sorted(training_subset(train_all, fraction))]
+    training = [by_subject[s] for s in sorted(training_subset(train_all, fraction, train_subjects))]
 
     if require_labels:
         for item in [*training, *val]:
@@ -364,11 +385,13 @@ def ixi_datalist(
         "test": test,
         "fractions": sizes,
         "fraction": fraction,
+        "train_subjects": train_subjects,
         "contrast": contrast,
         "seed": int(seed),
     }
+    chosen_by = f"fraction {fraction}" if train_subjects is None else f"train_subjects {train_subjects}"
     logger.info(
-        f"IXI {contrast} datalist from {root}: {len(training)} training (fraction {fraction} of {len(train_all)}), "
+        f"IXI {contrast} datalist from {root}: {len(training)} training ({chosen_by} of {len(train_all)}), "
         f"{len(val)} validation, {len(test_gst)} GST + {len(ood)} HH/IOP test subjects"
     )
     if output_json is not None:
