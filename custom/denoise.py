@@ -1,4 +1,5 @@
-"""Denoising task of the paper (Sec. 4.1, Table 3): noise model, training transforms and PSNR evaluation.
+"""Denoising task of the paper (Sec. 4.1, Table 3): noise model (``AddNoised``, used by the bundle's transforms) and
+PSNR evaluation.
 
 Images are z-scored (zero mean, unit standard deviation over the nonzero voxels or a brain mask), Gaussian noise
 of standard deviation ``sigma`` (0.2 by default) is added on the fly, and the network predicts the noise; the
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Compose, MapTransform, RandomizableTransform, RandSpatialCropd, SpatialPadd
+from monai.transforms import MapTransform, RandomizableTransform
 from tqdm.auto import tqdm
 
 from custom.errors import InputError
@@ -24,7 +25,7 @@ from custom.metrics import PSNR_CAPTION, ResultsTable, psnr, ssim
 from custom.physics import rician_noise
 from custom.segmentation import DownstreamSettings, build_preprocessing
 
-__all__ = ["AddNoised", "denoise_train_transforms", "evaluate_denoising", "NOISE_TYPES"]
+__all__ = ["AddNoised", "evaluate_denoising", "NOISE_TYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,19 +81,6 @@ class AddNoised(MapTransform, RandomizableTransform):
         d[self.noisy_key] = noisy
         d[self.noise_key] = noisy - clean
         return d
-
-
-def denoise_train_transforms(settings: DownstreamSettings, sigma: float = 0.2, noise_type: str = "gaussian") -> Compose:
-    """Load, z-score and resample (:func:`build_preprocessing`), crop a random patch, add noise."""
-    size = tuple(int(s) for s in settings.patch_size)
-    return Compose(
-        [
-            build_preprocessing(settings),
-            SpatialPadd("image", spatial_size=size),
-            RandSpatialCropd("image", roi_size=size, random_size=False),
-            AddNoised("image", sigma=sigma, noise_type=noise_type),
-        ]
-    )
 
 
 def _subject_generator(seed: int, name: str) -> torch.Generator:
