@@ -25,11 +25,17 @@ from custom.metrics import PSNR_CAPTION, ResultsTable, psnr, ssim
 from custom.physics import rician_noise
 from custom.segmentation import DownstreamSettings, build_preprocessing
 
-__all__ = ["AddNoised", "evaluate_denoising", "NOISE_TYPES"]
+__all__ = ["AddNoised", "combine_denoising_tables", "denoising_caption", "evaluate_denoising", "NOISE_TYPES"]
 
 logger = logging.getLogger(__name__)
 
 NOISE_TYPES = ("gaussian", "rician")
+TABLE_METRICS = ("psnr_noisy", "psnr_denoised", "psnr_gain", "ssim_noisy", "ssim_denoised")
+
+
+def denoising_caption(caption: str, noise_type: str, sigma: float, seed: int) -> str:
+    """``caption`` followed by the noise settings and the definition of L in PSNR (the tables' caption)."""
+    return f"{caption} Noise: {noise_type}, sigma {sigma} on z-scored images, seed {seed}. {PSNR_CAPTION}".strip()
 
 
 def _add_noise(image: torch.Tensor, sigma: float, noise_type: str, generator: torch.Generator) -> torch.Tensor:
@@ -142,13 +148,10 @@ def evaluate_denoising(
     table = ResultsTable(rows)
     out = Path(output_dir)
     table.to_csv(out / "metrics.csv")
-    full_caption = (
-        f"{caption} Noise: {noise_type}, sigma {sigma} on z-scored images, seed {seed}. {PSNR_CAPTION}".strip()
-    )
     markdown = table.to_markdown(
         group_by=("site", "contrast"),
-        metrics=["psnr_noisy", "psnr_denoised", "psnr_gain", "ssim_noisy", "ssim_denoised"],
-        caption=full_caption,
+        metrics=list(TABLE_METRICS),
+        caption=denoising_caption(caption, noise_type, sigma, seed),
         row_order=["GST", "HH", "IOP"],
         fmt="{:.2f}",
     )
@@ -156,6 +159,22 @@ def evaluate_denoising(
     print(markdown)  # the result table itself goes to stdout; diagnostics go to logging
     logger.info("per-subject metrics: %s; table: %s", out / "metrics.csv", out / "metrics.md")
     return table
+
+
+def combine_denoising_tables(
+    runs_dir: str | Path, caption: str = "", sigma: float = 0.2, noise_type: str = "gaussian", seed: int = 0
+) -> str | None:
+    """Merge every evaluation run's table (``runs_dir/eval_*/metrics.csv``, e.g. one per contrast) into
+    ``runs_dir/table.md``, with the caption :func:`evaluate_denoising` writes; None when there is no run yet."""
+    from custom.evaluation import combine_tables
+
+    runs = Path(runs_dir)
+    return combine_tables(
+        sorted(runs.glob("eval_*/metrics.csv")),
+        runs / "table.md",
+        list(TABLE_METRICS),
+        caption=denoising_caption(caption, noise_type, sigma, seed),
+    )
 
 
 def noise_summary(values: Sequence[float]) -> str:
