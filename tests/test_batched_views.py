@@ -120,6 +120,14 @@ def test_seeded_reproducible_and_seed_dependent():
     assert torch.equal(first["image2"], again["image2"])
 
 
+def test_qmri_image_key_equals_separate_maps():
+    data = phantom()
+    four = {"qmri": torch.cat([data[k] for k in T.MAP_KEYS], dim=0)}
+    a, b = batched("seqinv", 2, data), batched("seqinv", 2, four, qmri_key="qmri")
+    for key in OUTPUTS:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_workers_path_collate_equals_the_batch_call():
     stage = T.ContrastiveViewStage("batched_workers", mode="seqinv", patch_size=PATCH, seed=4)
     prepare, region = stage.worker_transforms
