@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -66,6 +67,7 @@ from custom.transforms.batched_augment import (
     rician_,
     sample_artefacts,
     sample_spatial,
+    to_device,
     view_to_window,
     warp,
     zscore_views_,
@@ -245,9 +247,10 @@ class RandViewRegiond(MapTransform, RandomizableTransform):
     every region is zero-padded at its end to the full region size so a batch collates. Outputs ``view_region``
     ``(V, C, *R)`` and its content size, offset in the volume and voxel-to-world affine.
 
-    ``copy=False`` (the ``batched_workers`` path, where the views are made in the same process): a region that
-    needs no padding is a view of the cached volume instead of a copy. Keep the default where the batch crosses
-    processes (a view would share the whole volume's storage with the main process).
+    By default (``copy=False``) a region that needs no padding is a view of the cached volume, not a copy: the
+    DataLoader collates a batch in the worker that made its items, so the collation's stack is the only copy and
+    only the collated batch crosses to the main process. ``copy=True`` makes each region a compact tensor of its
+    own, for pipelines that send single items across processes (a view would share the whole volume's storage).
     """
 
     def __init__(
@@ -255,7 +258,7 @@ class RandViewRegiond(MapTransform, RandomizableTransform):
         patch_size: Sequence[int] | int = (96, 96, 96),
         augment: Mapping[str, Any] | None = None,
         shared_region: float | None = 1.2,
-        copy: bool = True,
+        copy: bool = False,
     ) -> None:
         MapTransform.__init__(self, [SOURCE])
         RandomizableTransform.__init__(self, prob=1.0)
@@ -308,6 +311,14 @@ class RandViewRegiond(MapTransform, RandomizableTransform):
         d[REGION_OFFSET] = torch.tensor(offsets, dtype=torch.long)
         d[REGION_AFFINE] = torch.stack(affines)
         return d
+
+
+def _put_rows(dst: torch.Tensor, rows: list[int], src: torch.Tensor) -> None:
+    """``dst[rows] = src`` (a slice for consecutive rows; the index moved without blocking on a GPU)."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        dst[rows[0] : rows[0] + len(rows)] = src
+    else:
+        dst.index_copy_(0, to_device(torch.tensor(rows), dst.device), src.to(dst.dtype))
 
 
 def _distinct_pairs(count: int, n_names: int, g: torch.Generator) -> torch.Tensor:
@@ -380,6 +391,8 @@ class BatchedContrastiveViews:
         self._seed = seed
         self._generator: torch.Generator | None = None
         self._owner: int | None = None
+        self.stage_seconds: dict[str, float] | None = None  # a dict: per-stage seconds, synchronised (profiling)
+        self._lap_start = 0.0
 
     # -- randomness ------------------------------------------------------------------------------------------
     def set_random_state(self, seed: int | None = None) -> BatchedContrastiveViews:
@@ -420,17 +433,22 @@ class BatchedContrastiveViews:
         return [self.sequences[int(pairs[s % subjects, s // subjects])] for s in range(slots)]
 
     def _simulate_sample(
-        self, protocols: ProtocolBatch, slots: list[int], sample: torch.Tensor, b1: torch.Tensor | None
+        self,
+        protocols: ProtocolBatch,
+        entries: list[int],
+        rows: list[int],
+        sample: torch.Tensor,
+        b1: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Images ``(len(slots), K)`` of the slots' protocols on their subjects' brain samples ``sample``."""
-        out = sample.new_empty((len(slots), sample.shape[-1]))
-        for name in dict.fromkeys(protocols.names[s] for s in slots):
-            rows = [i for i, s in enumerate(slots) if protocols.names[s] == name]
-            chosen = [slots[i] for i in rows]
-            maps = {c: sample[chosen, MAP_CHANNELS.index(c)].unsqueeze(1) for c in SEQUENCE_CHANNELS[name]}
-            params = protocols.family_params(chosen, sample.device, sample.dtype)
-            field = 1.0 if b1 is None else b1[chosen].unsqueeze(1)
-            out[rows] = simulate_family(name, params, maps, field).squeeze(1)
+        """Images ``(len(entries), K)`` of the protocols ``entries`` on the brain samples ``sample[rows]``."""
+        out = sample.new_empty((len(entries), sample.shape[-1]))
+        for name in dict.fromkeys(protocols.names[e] for e in entries):
+            at = [i for i, e in enumerate(entries) if protocols.names[e] == name]
+            index = to_device(torch.tensor([rows[i] for i in at]), sample.device)
+            maps = {c: sample[index, MAP_CHANNELS.index(c)].unsqueeze(1) for c in SEQUENCE_CHANNELS[name]}
+            params = protocols.family_params([entries[i] for i in at], sample.device, sample.dtype)
+            field = 1.0 if b1 is None else b1[index].unsqueeze(1)
+            _put_rows(out, at, simulate_family(name, params, maps, field).squeeze(1))
         return out
 
     def _protocols(
@@ -442,20 +460,37 @@ class BatchedContrastiveViews:
         pd_max: torch.Tensor,
         g: torch.Generator,
     ) -> tuple[ProtocolBatch, torch.Tensor]:
-        """Protocols of every slot whose image is not empty, and each slot's image of its brain sample."""
-        protocols = ProtocolBatch.empty(count, self.preset)
-        protocols.draw(range(count), self._first_names(count, subjects, g), self.preset, g)
-        images = self._simulate_sample(protocols, list(range(count)), sample, b1)
-        limit = self.empty_threshold * pd_max.to(sample.device)
+        """A protocol for every slot whose image is not empty, and each slot's image of its brain sample.
+
+        ``max_tries`` candidate protocols of the slot's sequence type are drawn per slot up front and the first
+        non-empty one is kept: the law of the per-sample path's redraws. On a GPU every candidate is simulated in
+        one pass (one synchronisation); on the CPU only as many as needed, in turn. Both consume the generator
+        alike, so a seed gives the same protocols on either. Slots whose candidates are all empty fall back to
+        the clinical preset (with a warning), as in the per-sample path.
+        """
+        tries = self.max_tries
+        candidates = ProtocolBatch.empty(count * tries, self.preset)  # candidate t of slot s: entry t * count + s
+        candidates.draw(range(count * tries), self._first_names(count, subjects, g) * tries, self.preset, g)
+        limit = self.empty_threshold * pd_max.double()
+        chosen: list[int | None] = [None] * count
+        images = sample.new_empty((count, sample.shape[-1]))
         pending = list(range(count))
-        for tries in range(1, self.max_tries + 1):
-            peak = images[pending].amax(dim=1)
-            empty = (~torch.isfinite(peak)) | (peak <= limit[pending])
-            pending = [s for s, e in zip(pending, empty.tolist(), strict=True) if e]
-            if not pending or tries == self.max_tries:
+        rounds = [list(range(tries))] if sample.device.type == "cuda" else [[t] for t in range(tries)]
+        for round_ in rounds:
+            entries = [t * count + s for t in round_ for s in pending]
+            rows = [e % count for e in entries]
+            simulated = self._simulate_sample(candidates, entries, rows, sample, b1)
+            peaks = simulated.amax(dim=1).double().cpu()
+            for i, e in enumerate(entries):
+                s = e % count
+                peak = float(peaks[i])
+                if chosen[s] is None and math.isfinite(peak) and peak > float(limit[s]):
+                    chosen[s] = e
+                    images[s] = simulated[i]
+            pending = [s for s in pending if chosen[s] is None]
+            if not pending:
                 break
-            protocols.draw(pending, [protocols.names[s] for s in pending], self.preset, g)
-            images[pending] = self._simulate_sample(protocols, pending, sample, b1)
+        protocols = candidates.subset([c if c is not None else (tries - 1) * count + s for s, c in enumerate(chosen)])
         if pending:
             fallback = self.preset != "clinical"
             names = sorted({protocols.names[s] for s in pending})
@@ -467,7 +502,7 @@ class BatchedContrastiveViews:
             )
             if fallback:
                 protocols.draw(pending, [protocols.names[s] for s in pending], "clinical", g)
-                images[pending] = self._simulate_sample(protocols, pending, sample, b1)
+            _put_rows(images, pending, self._simulate_sample(protocols, pending, pending, sample, b1))
         return protocols, images
 
     # -- one batch -------------------------------------------------------------------------------------------
@@ -482,10 +517,18 @@ class BatchedContrastiveViews:
         region = d.pop(REGION)  # (B, V, C, *R), or a list of B (V, C, *R) tensors
         regions = [plain(r) for r in region] if isinstance(region, (list, tuple)) else plain(region)
         device = torch.device(device) if device is not None else regions[0].device
+        copy_stream = None
         if isinstance(regions, list):
             regions = [r.to(device=device, dtype=torch.float32, non_blocking=True) for r in regions]
-        else:  # one transfer for the batch, then per-subject views of it
-            regions = list(regions.to(device=device, dtype=torch.float32, non_blocking=True).unbind(0))
+        else:  # one transfer for the batch (on a side stream, while the protocols are drawn), then views of it
+            if device.type == "cuda" and regions.device.type == "cpu":
+                copy_stream = torch.cuda.Stream(device)
+                copy_stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(copy_stream):
+                    moved = regions.to(device=device, dtype=torch.float32, non_blocking=True)
+            else:
+                moved = regions.to(device=device, dtype=torch.float32, non_blocking=True)
+            regions = list(moved.unbind(0))
         sizes = plain(d.pop(REGION_SIZE)).long().cpu()
         offsets = plain(d.pop(REGION_OFFSET)).long().cpu()
         region_affine = plain(d.pop(REGION_AFFINE)).to(torch.float64).cpu()
@@ -504,6 +547,8 @@ class BatchedContrastiveViews:
                 f"{self.region_count} region(s) of {self.region}); the loader and the generator must share settings"
             )
         g = self.generator()
+        if self.stage_seconds is not None:
+            self._lap_start = time.perf_counter()
         n_views = 2 * subjects
         n_slots = n_views if self.mode == "seqinv" else subjects
         slot_of_view = [n if self.mode == "seqinv" else n % subjects for n in range(n_views)]
@@ -516,16 +561,15 @@ class BatchedContrastiveViews:
             b1_coeffs = -self.b1_field + 2 * self.b1_field * torch.rand(
                 (n_slots, n_terms), generator=g, dtype=torch.float64
             )
-        slot_sample = sample[subject_of_slot]
+        slot_index = to_device(torch.tensor(subject_of_slot), device)
+        slot_sample = sample[slot_index]
         if is_real:
             protocols = ProtocolBatch.empty(n_slots, "real")
             sample_images = slot_sample[:, 0]
         else:
             b1_sample = None
             if b1_coeffs is not None:
-                log_field = legendre_at_points(
-                    b1_coeffs, self.b1_degree, points[subject_of_slot], volume[subject_of_slot]
-                )
+                log_field = legendre_at_points(b1_coeffs, self.b1_degree, points[slot_index], volume[subject_of_slot])
                 b1_sample = torch.exp(log_field)
             protocols, sample_images = self._protocols(
                 n_slots, subjects, slot_sample, b1_sample, pd_max[subject_of_slot], g
@@ -551,36 +595,51 @@ class BatchedContrastiveViews:
         artefacts = sample_artefacts(n_views, self.settings, self.patch, g)
         noise_gen = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
 
+        if copy_stream is not None:  # the regions are needed from here on
+            torch.cuda.current_stream(device).wait_stream(copy_stream)
+            moved.record_stream(torch.cuda.current_stream(device))
+        self._lap("protocols, parameters, region copy", device)
         views = torch.empty((n_views, 1, *self.patch), device=device, dtype=torch.float32)
         targets = torch.empty_like(views)
         chunk = self.chunk_views or (n_views if device.type == "cuda" else 1)
         for first in range(0, n_views, chunk):
             idx = list(range(first, min(first + chunk, n_views)))
+            self._lap(None, device)
             image = self._windows(
                 idx, regions, starts, subject_of_view, region_of_view, slot_of_view, protocols, b1_coeffs,
                 window_offset, volume, is_real,
             )  # fmt: skip
+            self._lap("crops and simulation (with B1)", device)
             valid = None
             if bool((valid_len[idx] < crop).any()):
                 valid = self._valid_mask(valid_len[idx], device)
             slots = [slot_of_view[n] for n in idx]
-            normed = normalise_views(image, self.view_norm, None if scale is None else scale[slots], valid)
+            chunk_scale = None if scale is None else scale[to_device(torch.tensor(slots), device)]
+            normed = normalise_views(image, self.view_norm, chunk_scale, valid)
             del image
+            self._lap("view normalisation", device)
             target = warp(normed, spatial.matrix[idx], centre_in[idx], self.patch)
             del normed
+            self._lap("rotation, shear, flips", device)
             # the target is taken after the spatial and before the intensity augmentations (authors' code)
             a = artefacts.select(torch.tensor(idx))
             view = target.clone()
             bias_field_(view, a.bias_coeffs, int(self.settings["bias_degree"]), a.bias_applied)
+            self._lap("bias field", device)
             gibbs_ringing_(view, a.gibbs_alpha, a.gibbs_applied)
+            self._lap("Gibbs ringing", device)
             rician_(view, a.noise_sigma, a.noise_applied, noise_gen)
+            self._lap("Rician noise", device)
             cuboid_dropout_(view, a.boxes_start, a.boxes_end)
+            self._lap("cuboid dropout", device)
             if self.zscore:
                 zscore_views_(view)
                 zscore_views_(target)
+            self._lap("z-scoring", device)
             views[idx[0] : idx[-1] + 1] = view
             targets[idx[0] : idx[-1] + 1] = target
 
+        self._lap(None, device)
         to_window = view_to_window(spatial.matrix, centre_in, self.patch)
         shift = torch.eye(4, dtype=torch.float64).repeat(n_views, 1, 1)
         shift[:, :3, 3] = starts.double()
@@ -590,12 +649,25 @@ class BatchedContrastiveViews:
             d[vkey], d[rkey] = views[part], targets[part]
             d[f"{vkey}_affine"] = affines[part]
             d[f"{vkey}_sequence"] = protocols.record(slot_of_view[part])
+        self._lap("affines, records", device)
         return d
+
+    def _lap(self, stage: str | None, device: torch.device) -> None:
+        """With ``stage_seconds`` set (a dict; profiling only), add the time since the last lap to ``stage``
+        (the device synchronised first); ``None`` restarts the clock."""
+        if self.stage_seconds is None:
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        if stage is not None:
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + now - self._lap_start
+        self._lap_start = now
 
     def _valid_mask(self, valid_len: torch.Tensor, device: torch.device) -> torch.Tensor:
         """``(n, 1, *crop)`` bool: the voxels of each window inside its crop (the first ``valid_len`` per axis)."""
         axes = [torch.arange(c, device=device) for c in self.crop]
-        lengths = valid_len.to(device)
+        lengths = to_device(valid_len, device)
         return (
             (axes[0][None, :, None, None] < lengths[:, 0, None, None, None])
             & (axes[1][None, None, :, None] < lengths[:, 1, None, None, None])
@@ -651,7 +723,7 @@ class BatchedContrastiveViews:
                 )
                 field = torch.exp_(log_field).unsqueeze(1)
             params = protocols.family_params([slot_of_view[n] for n in views], device, torch.float32)
-            image[rows] = simulate_family(name, params, maps, field)
+            _put_rows(image, rows, simulate_family(name, params, maps, field))
         return image
 
 
@@ -757,9 +829,7 @@ class ContrastiveViewStage:
             PrepareViewSourced(
                 mode=mode, **inputs, mask_key=mask_key, clip_maps=clip_maps, sample_voxels=sample_voxels
             ),
-            RandViewRegiond(
-                patch_size=patch_size, augment=augment, shared_region=shared_region, copy=path != "batched_workers"
-            ),
+            RandViewRegiond(patch_size=patch_size, augment=augment, shared_region=shared_region),
         ]
         if path == "batched":
             self.batch_views = self.views

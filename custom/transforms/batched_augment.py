@@ -39,6 +39,7 @@ from custom.fields import _legendre, poly_terms
 from custom.transforms.augmentations import mri_augmentations
 
 __all__ = [
+    "to_device",
     "augment_settings",
     "SpatialDraw",
     "sample_spatial",
@@ -59,6 +60,23 @@ __all__ = [
 
 _F64 = torch.float64
 _NOT_AUGMENT = ("keys", "patch_size", "label_keys", "crop_keys")
+
+
+def to_device(t: torch.Tensor, device: torch.device | str | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` on ``device`` (and ``dtype``). A small CPU tensor bound for a GPU goes through pinned memory without
+    blocking: a copy from pageable memory would wait for all the work queued on the device, and the batch call
+    moves dozens of parameter tensors."""
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    device = torch.device(device) if device is not None else t.device
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _on_host(t: torch.Tensor) -> bool:
+    """True for CPU tensors: there, checking a flag costs less than a pass over the data; on a GPU it would wait."""
+    return t.device.type == "cpu"
 
 
 def augment_settings(augment: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -207,7 +225,7 @@ def warp(images: torch.Tensor, matrix: torch.Tensor, centre_in: torch.Tensor, ou
     shift = centre_in.to(_F64) / half_in - 1.0
     # grid_sample orders coordinates (x, y, z) = (last, middle, first) axis
     theta = torch.cat([lin.flip(1).flip(2), shift.flip(1)[:, :, None]], dim=2)
-    theta = theta.to(device=images.device, dtype=images.dtype)
+    theta = to_device(theta, images.device, images.dtype)
     grid = F.affine_grid(theta, [n, 1, *[int(s) for s in out_shape]], align_corners=True)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
@@ -242,14 +260,16 @@ def legendre_fields(
     field of the volume cropped there.
     """
     n = coeffs.shape[0]
-    table = _coefficient_table(coeffs.to(device=device, dtype=dtype), degree)
+    table = _coefficient_table(to_device(coeffs, device, dtype), degree)
+    offsets = None if offsets is None else to_device(offsets, device, dtype)
+    full_shapes = None if full_shapes is None else to_device(full_shapes, device, dtype)
     bases = []
     for axis, size in enumerate(shape):
         idx = torch.arange(int(size), device=device, dtype=dtype).expand(n, int(size))
         if offsets is not None:
-            idx = idx + offsets[:, axis : axis + 1].to(device=device, dtype=dtype)
+            idx = idx + offsets[:, axis : axis + 1]
         full = (
-            full_shapes[:, axis : axis + 1].to(device=device, dtype=dtype)
+            full_shapes[:, axis : axis + 1]
             if full_shapes is not None
             else torch.full((n, 1), float(size), device=device, dtype=dtype)
         )
@@ -267,8 +287,8 @@ def legendre_at_points(
     """The log-field of ``coeffs`` ``(n, T)`` at voxel coordinates ``points`` ``(n, K, 3)`` of volumes of
     ``full_shapes`` ``(n, 3)``: ``(n, K)`` (on the points' device)."""
     device = points.device
-    table = _coefficient_table(coeffs.to(device=device, dtype=dtype), degree)
-    full = full_shapes.to(device=device, dtype=dtype)
+    table = _coefficient_table(to_device(coeffs, device, dtype), degree)
+    full = to_device(full_shapes, device, dtype)
     bases = [
         _legendre(2.0 * points[..., a].to(dtype) / torch.clamp(full[:, a : a + 1] - 1.0, min=1.0) - 1.0, degree)
         for a in range(3)
@@ -408,7 +428,7 @@ def gibbs_ringing_(images: torch.Tensor, alpha: torch.Tensor, applied: torch.Ten
     chosen = alpha if rows is None else alpha[rows]
     radius = (1.0 - chosen.to(_F64)) * max(shape) * math.sqrt(2.0) / 2.0
     dist = _gibbs_distances(shape, images.device)
-    r = radius.to(images.device).reshape(-1, 1, *([1] * len(shape)))
+    r = to_device(radius, images.device).reshape(-1, 1, *([1] * len(shape)))
     spectrum = torch.fft.rfftn(selected, dim=dims)
     spectrum.mul_(((dist[0] <= r).to(images.dtype) + (dist[1] <= r).to(images.dtype)).mul_(0.5))
     ringing = torch.fft.irfftn(spectrum, s=shape, dim=dims)
@@ -426,7 +446,7 @@ def rician_(
     rows = _rows(applied)
     if rows == []:
         return images
-    s = sigma.to(device=images.device, dtype=images.dtype).reshape(-1, *([1] * (images.ndim - 1)))
+    s = to_device(sigma, images.device, images.dtype).reshape(-1, *([1] * (images.ndim - 1)))
     real = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
     imag = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
     noisy = torch.hypot(real.mul_(s).add_(images), imag.mul_(s), out=real)
@@ -442,7 +462,7 @@ def cuboid_dropout_(images: torch.Tensor, start: torch.Tensor, end: torch.Tensor
     if not bool((end > start).all(dim=-1).any()):
         return images
     device = images.device
-    start, end = start.to(device), end.to(device)
+    start, end = to_device(start, device), to_device(end, device)
     indicators = []
     for axis, size in enumerate(images.shape[2:]):
         idx = torch.arange(int(size), device=device)
@@ -483,8 +503,8 @@ def _percentile_rescale_(rows: torch.Tensor, valid: torch.Tensor | None, low: fl
     span = hi - lo
     ok = span > 0
     rows.sub_(lo).div_(torch.where(ok, span, torch.ones_like(span))).clamp_(0.0, 1.0)
-    if not bool(ok.all()):
-        rows[~ok[:, 0]] = 0.0
+    if not _on_host(rows) or not bool(ok.all()):
+        rows.masked_fill_(~ok, 0.0)
     return rows
 
 
@@ -499,7 +519,7 @@ def _histogram_equalise_(rows: torch.Tensor, valid: torch.Tensor | None, bins: i
         hi = torch.where(valid, rows, torch.full_like(rows, -math.inf)).amax(dim=1, keepdim=True)
     span = hi - lo
     ok = span > 0
-    if bins == 1 or not bool(ok.any()):
+    if bins == 1 or (_on_host(rows) and not bool(ok.any())):
         return torch.zeros_like(rows)
     scaled = rows.sub_(lo).mul_(bins / torch.where(ok, span, torch.ones_like(span)))  # position in bins
     index = scaled.long().clamp_(0, bins - 1)
@@ -515,8 +535,8 @@ def _histogram_equalise_(rows: torch.Tensor, valid: torch.Tensor | None, bins: i
     frac = pos.sub_(left)
     out = cdf.gather(1, left)
     out.lerp_(cdf.gather(1, left.add_(1)), frac)
-    if not bool(ok.all()):
-        out[~ok[:, 0]] = 0.0
+    if not _on_host(rows) or not bool(ok.all()):
+        out.masked_fill_(~ok, 0.0)
     return out
 
 
@@ -538,7 +558,7 @@ def normalise_views(
     elif norm == "robust_max":
         if scale is None:
             raise ValueError("normalise_views: norm 'robust_max' needs the scale")
-        out = rows.div_(scale.to(device=rows.device, dtype=rows.dtype)[:, None])
+        out = rows.div_(to_device(scale, rows.device, rows.dtype)[:, None])
     else:
         raise ValueError(f"unknown view normalisation {norm!r}; expected 'histeq' or 'robust_max'")
     if valid_rows is not None:

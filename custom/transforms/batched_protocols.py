@@ -38,6 +38,7 @@ from custom.sequences import (
     _check_preset,
     _mprage_model,
 )
+from custom.transforms.batched_augment import to_device
 
 __all__ = ["MAP_CHANNELS", "SEQUENCE_CHANNELS", "ProtocolBatch", "sample_params", "simulate_family"]
 
@@ -141,14 +142,22 @@ class ProtocolBatch:
         }
 
     def family_params(self, slots: Sequence[int], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The parameters of ``slots`` (one family) as ``(len(slots),)`` tensors on ``device``, NaN ones left out."""
+        """The parameters of ``slots`` (one family) as ``(len(slots),)`` tensors on ``device``, NaN ones left out
+        (moved in one transfer)."""
         index = torch.tensor(list(slots), dtype=torch.long)
-        out = {}
-        for k in PARAM_NAMES:
-            values = self.params[k][index]
-            if not torch.isnan(values).any():
-                out[k] = values.to(device=device, dtype=dtype)
-        return out
+        values = {k: self.params[k][index] for k in PARAM_NAMES}
+        keys = [k for k, v in values.items() if not bool(torch.isnan(v).any())]
+        moved = to_device(torch.stack([values[k] for k in keys]), device, dtype)
+        return {k: moved[i] for i, k in enumerate(keys)}
+
+    def subset(self, entries: Sequence[int]) -> ProtocolBatch:
+        """A new batch of the protocols at ``entries`` (in that order)."""
+        index = torch.tensor(list(entries), dtype=torch.long)
+        return ProtocolBatch(
+            names=[self.names[e] for e in entries],
+            presets=[self.presets[e] for e in entries],
+            params={k: v[index].clone() for k, v in self.params.items()},
+        )
 
 
 def simulate_family(
