@@ -19,7 +19,8 @@ batched path also runs with its batch call on the GPU (the loader part stays on 
 per core say how many workers feed the device), and ``--step`` runs ``benchmarks/pretrain.py`` on 1 mm subjects
 for the share of the paper step spent waiting for the loader and making views.
 
-    python benchmarks/views.py [--sizes paper cpu_small] [--rounds 3] [--batches 2] [--device cuda:0] [--step]
+    python benchmarks/views.py [--sizes paper cpu_small] [--rounds 3] [--batches 2] [--device cuda:0]
+                               [--step [--step_paths batched per_sample] [--step_workers 4 8]]
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--device", default=None, help="also run the batched call here (default cuda:0 if available)")
     ap.add_argument("--step", action="store_true", help="CUDA: data-wait share of the paper step (pretrain.py)")
     ap.add_argument("--step_subjects", type=int, default=4, help="1 mm subjects written for --step")
+    ap.add_argument("--step_paths", nargs="+", default=["batched", "per_sample"], help="view paths for --step")
+    ap.add_argument("--step_workers", nargs="+", type=int, default=[4], help="loader workers for --step")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.device is None and torch.cuda.is_available():
@@ -83,7 +86,10 @@ def subject(resolution: float, seed: int) -> dict[str, torch.Tensor]:
     sub = make_subject(template, np.random.default_rng(seed))
     names = {"PD": "pd", "R1": "r1", "R2s": "r2s", "MT": "mt", "R2": "r2"}
     affine = torch.as_tensor(template.affine, dtype=torch.float64)
-    data = {names[k]: MetaTensor(torch.from_numpy(np.array(v, dtype=np.float32))[None], affine=affine) for k, v in sub.maps.items()}
+    data = {
+        names[k]: MetaTensor(torch.from_numpy(np.array(v, dtype=np.float32))[None], affine=affine)
+        for k, v in sub.maps.items()
+    }
     data["mask"] = MetaTensor(torch.from_numpy(np.array(sub.mask, dtype=np.float32))[None], affine=affine)
     data = CropForegroundd(list(data), source_key="pd", margin=2)(data)
     return {k: v for k, v in data.items() if isinstance(v, torch.Tensor) and v.ndim == 4}
@@ -149,6 +155,10 @@ class Paths:
 
         seconds = timed(loader)
         dev = device or torch.device("cpu")
+        if dev.type == "cuda":  # as the DataLoader's pin-memory thread leaves it (in the background, not timed)
+            holder["batch"] = {
+                k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in holder["batch"].items()
+            }
         return seconds, timed(lambda: self.batched.views(holder["batch"], device=dev), dev)
 
     def run_workers(self) -> float:
@@ -207,7 +217,22 @@ def measure(size: str, args: argparse.Namespace) -> dict[str, float]:
         )
         print(f"GPU batch call / per-sample worker (one core): {gpu / base:.1f}x")
         rates["batched (GPU call)"] = gpu
+    for dev in [torch.device("cpu")] + ([device] if device is not None and device.type == "cuda" else []):
+        print_stages(paths, dev, repeats=3 if dev.type == "cuda" else 1)
     return rates
+
+
+def print_stages(paths: Paths, device: torch.device, repeats: int) -> None:
+    """Where one batch call spends its time (each stage timed with the device synchronised)."""
+    views = paths.batched.views
+    views.stage_seconds = {}
+    for _ in range(repeats):
+        paths.run_batched(device)
+    stages, views.stage_seconds = views.stage_seconds, None
+    total = sum(stages.values())
+    parts = ", ".join(f"{name} {1000 * t / repeats:.1f}" for name, t in stages.items())
+    head = f"batch call on {device} by stage, ms per batch of {2 * paths.batch} views"
+    print(f"{head} ({1000 * total / repeats:.1f} in all, synchronised per stage): {parts}")
 
 
 def step_share(args: argparse.Namespace) -> None:
@@ -225,12 +250,15 @@ def step_share(args: argparse.Namespace) -> None:
             write_qmri(Path(tmp), index, template, args.seed, writer)
         writer.wait()
         print(f"\n{args.step_subjects} subjects at 1 mm written in {time.perf_counter() - t:.0f} s")
-        for path in ("batched", "per_sample"):
-            command = [sys.executable, str(REPO / "benchmarks" / "pretrain.py"), "--impl", "ours", "--config",
-                       "paper", "--view_path", path, "--dataset_dir", str(Path(tmp) / "qmri"), "--num_workers", "4",
-                       "--iterations", "10", "--warmup", "3", "--device", str(args.device)]  # fmt: skip
-            print(f"--- paper step, view_path {path}: {' '.join(command[1:])}", flush=True)
-            subprocess.run(command, cwd=REPO, check=False)
+        for path in args.step_paths:
+            for workers in args.step_workers:
+                command = [
+                    sys.executable, str(REPO / "benchmarks" / "pretrain.py"), "--impl", "ours", "--config", "paper",
+                    "--view_path", path, "--dataset_dir", str(Path(tmp) / "qmri"), "--num_workers", str(workers),
+                    "--iterations", "10", "--warmup", "3", "--device", str(args.device),
+                ]  # fmt: skip
+                print(f"--- paper step, view_path {path}, {workers} workers: {' '.join(command[1:])}", flush=True)
+                subprocess.run(command, cwd=REPO, check=False)
 
 
 def main() -> None:

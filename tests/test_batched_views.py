@@ -8,6 +8,7 @@ reproduce MONAI's / the per-sample functions exactly (resampling, Gibbs ringing,
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -144,6 +145,23 @@ def test_volume_smaller_than_the_patch_and_independent_crops():
     assert out["image1"].shape == (2, 1, 32, 28, 20) and torch.isfinite(out["image2_recon"]).all()
     out = batched("seqinv", 1, shared_region=None)  # each view cropped anywhere in the volume
     assert out["image1"].shape == (2, 1, PATCH, PATCH, PATCH)
+
+
+def test_empty_protocols_are_redrawn_then_fall_back_to_clinical():
+    """The paper FSE ranges (TE up to 3 s) give empty images: redrawn within max_tries, else the clinical preset."""
+    for seed in range(3):
+        out = batched("seqaug", seed, n=6, sequences=["fse"], augment=no_augment(), zscore=False)
+        assert set(out["image1_sequence"]["preset"]) == {"paper"}
+        assert bool((out["image1_recon"].amax(dim=(1, 2, 3, 4)) > 0).all())
+    fell_back = 0
+    for seed in range(6):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = batched("seqaug", seed, n=6, sequences=["fse"], max_tries=1)
+        if any("empty" in str(w.message) for w in caught):
+            fell_back += 1
+            assert "clinical" in out["image1_sequence"]["preset"]
+    assert fell_back > 0
 
 
 def test_invalid_settings_are_clear_errors():
