@@ -398,6 +398,7 @@ def test_tiny_grid_end_to_end(tiny_run):
     for name in ("tissue_seg-T1-1subject-base-s0", "tissue_seg-T1-1subject-random-s0"):
         cell = out / "cells" / name
         assert (cell / "done.json").is_file() and (cell / "train" / "model.pt").is_file()
+        assert json.loads((cell / "done.json").read_text())["cpu_seconds"] > 0
         assert "monai.bundle run training" in (cell / "log.txt").read_text()
     progress = "\n".join(tiny_run["lines"])
     assert "[2/2] tissue_seg-T1-1subject-random-s0: done in" in progress and "elapsed" in progress

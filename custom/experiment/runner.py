@@ -56,7 +56,11 @@ NO_SITE = "all"
 
 @dataclass
 class CellOutcome:
-    """What happened to one cell: ``done`` (ran now), ``skipped`` (finished earlier) or ``failed``."""
+    """What happened to one cell: ``done`` (ran now), ``skipped`` (finished earlier) or ``failed``.
+
+    ``seconds`` is wall time; ``cpu_seconds`` the CPU time of its bundle runs (user + system, all threads), which
+    depends less on what else the machine is doing.
+    """
 
     cell: Cell
     status: str
@@ -64,6 +68,7 @@ class CellOutcome:
     log: Path
     phase: str | None = None
     message: str = ""
+    cpu_seconds: float | None = None
 
 
 @dataclass
@@ -90,6 +95,10 @@ def format_duration(seconds: float) -> str:
         return f"{minutes}m{sec:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
 
 
 def _cells(n: int) -> str:
@@ -152,6 +161,16 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def _children_cpu() -> float | None:
+    """CPU seconds (user + system) of the finished child processes so far; ``None`` where unavailable."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _tail(path: Path, lines: int = 3) -> list[str]:
     try:
         text = path.read_text(errors="replace").splitlines()
@@ -161,10 +180,11 @@ def _tail(path: Path, lines: int = 3) -> list[str]:
 
 
 def run_cell(
-    cell: Cell, folder: Path, python: str = sys.executable, timeout_s: float | None = None, log=print
+    cell: Cell, folder: Path, python: str = sys.executable, timeout_s: float | None = None, log=_print
 ) -> CellOutcome:
     """Train and evaluate one cell (its training is skipped when ``train.done`` says it finished)."""
     start = time.monotonic()
+    cpu_start = _children_cpu()
     commands = cell.commands(folder, python=python)
     _prepare(cell, folder, commands, log)
     log_path = folder / LOG
@@ -204,13 +224,16 @@ def run_cell(
     if not metrics.is_file():
         return failed("evaluating", f"evaluation ended without writing {metrics}")
     seconds = time.monotonic() - start
+    cpu_end = _children_cpu()
+    cpu = cpu_end - cpu_start if cpu_start is not None and cpu_end is not None else None
     record = {
         "fingerprint": cell.fingerprint(),
         "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu, 1) if cpu is not None else None,
         "finished": datetime.now().isoformat(timespec="seconds"),
     }
     atomic_write_text(json.dumps(record, indent=2) + "\n", folder / DONE)
-    return CellOutcome(cell, "done", seconds, log_path)
+    return CellOutcome(cell, "done", seconds, log_path, cpu_seconds=cpu)
 
 
 def collect_results(cells: Sequence[Cell], out: str | Path) -> list[dict[str, Any]]:
@@ -256,7 +279,11 @@ def _describe(cells: Sequence[Cell], out: Path, log: Callable[[str], None]) -> N
 
 
 def run_grid(
-    grid: Grid, out: str | Path, dry_run: bool = False, python: str = sys.executable, log: Callable[[str], None] = print
+    grid: Grid,
+    out: str | Path,
+    dry_run: bool = False,
+    python: str = sys.executable,
+    log: Callable[[str], None] = _print,
 ) -> ExperimentResult:
     """Write ``out/grid.yaml``, run every unfinished cell, then write ``results.csv``, ``tables.md``, ``figure.png``."""
     from custom.experiment.report import write_report
@@ -295,7 +322,11 @@ def run_grid(
             result.outcomes.append(CellOutcome(cell, "skipped", 0.0, folder / LOG))
             continue
         log(f"{prefix}: training + evaluation (log: {folder / LOG})")
-        outcome = run_cell(cell, folder, python=python, timeout_s=grid.timeout_s, log=log)
+        try:
+            outcome = run_cell(cell, folder, python=python, timeout_s=grid.timeout_s, log=log)
+        except KeyboardInterrupt:
+            log(f"{prefix}: interrupted; the same command resumes (finished cells are skipped)")
+            raise
         result.outcomes.append(outcome)
         left -= 1
         if outcome.status == "done":
@@ -307,7 +338,8 @@ def run_grid(
             eta = f"{_cells(left)} left"
         elapsed = f"elapsed {format_duration(time.monotonic() - start)}"
         if outcome.status == "done":
-            log(f"{prefix}: done in {format_duration(outcome.seconds)} | {elapsed} | {eta}")
+            cpu = f" (CPU {format_duration(outcome.cpu_seconds)})" if outcome.cpu_seconds is not None else ""
+            log(f"{prefix}: done in {format_duration(outcome.seconds)}{cpu} | {elapsed} | {eta}")
         else:
             log(
                 f"{prefix}: FAILED in {outcome.phase} ({outcome.message}) after {format_duration(outcome.seconds)}; "
@@ -333,7 +365,7 @@ def run_experiment(
     out: str | Path = "runs/experiment",
     preset: str | None = None,
     dry_run: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = _print,
 ) -> ExperimentResult:
     """``seqinv experiment``: load ``grid`` (and/or ``preset``) and run it into ``out``."""
     return run_grid(load_grid(grid, preset=preset), out, dry_run=dry_run, log=log)
