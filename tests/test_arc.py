@@ -310,16 +310,7 @@ def test_json_is_written_and_rereadable(tmp_path):
     target = tmp_path / "out" / "arc_T1w.json"
     datalist = arc_datalist(root, fraction=0.1, output_json=target)
     assert json.loads(target.read_text()) == datalist
-    assert set(datalist) == {
-        "training",
-        "validation",
-        "test",
-        "fractions",
-        "fraction",
-        "train_subjects",
-        "contrast",
-        "seed",
-    }
+    assert set(datalist) == {"training", "validation", "test", "fractions", "fraction", "contrast", "seed"}
     assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]
 
 

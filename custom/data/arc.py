@@ -313,11 +313,12 @@ def arc_datalist(
 ) -> dict[str, object]:
     """Build the paper's ARC lesion-segmentation datalist for one contrast.
 
-    Returns ``{"training", "validation", "test", "fractions", "fraction", "contrast", "seed"}``: ``training``
-    holds the images of the training subjects of ``fraction`` (a nested subset), ``validation`` and ``test``
-    those of the validation and test subjects. Items are ``{"image", "label", "subject", "session",
-    "contrast"}``, sorted by subject and session. ``fractions`` gives the number of training SUBJECTS of each of
-    :data:`FRACTIONS` (and of ``fraction``). Splits count subjects, and all images of a subject are in its split.
+    Returns ``{"training", "validation", "test", "fractions", "fraction", "contrast", "seed"}`` (and
+    ``"train_subjects"`` when given): ``training`` holds the images of the training subjects of ``fraction`` (a
+    nested subset), ``validation`` and ``test`` those of the validation and test subjects. Items are ``{"image",
+    "label", "subject", "session", "contrast"}``, sorted by subject and session. ``fractions`` gives the number of
+    training SUBJECTS of each of :data:`FRACTIONS` (and of ``fraction``). Splits count subjects, and all images of a
+    subject are in its split.
 
     Args:
         dataset_dir: ARC BIDS folder (``sub-*/[ses-*/]anat/*_{contrast}.nii.gz``, masks under ``derivatives/``).
@@ -403,10 +404,11 @@ def arc_datalist(
         "test": test,
         "fractions": sizes,
         "fraction": fraction,
-        "train_subjects": train_subjects,
         "contrast": contrast,
         "seed": int(seed),
     }
+    if train_subjects is not None:
+        datalist["train_subjects"] = int(train_subjects)
     logger.info(
         f"ARC {contrast} datalist from {root}: {len(chosen)} training subjects "
         f"({'fraction ' + str(fraction) if train_subjects is None else f'train_subjects {train_subjects}'} of "

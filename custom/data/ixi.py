@@ -306,12 +306,12 @@ def ixi_datalist(
 ) -> dict[str, object]:
     """Build the paper's IXI datalist for one contrast.
 
-    Returns ``{"training", "validation", "test", "fractions", "fraction", "contrast", "seed"}``: ``training`` holds
-    the GST training subjects of ``fraction`` (a nested subset), ``validation`` the GST validation subjects,
-    ``test`` the GST test subjects followed by every HH and IOP subject. Items are ``{"image", "label", "subject",
-    "site", "contrast"}``. ``fractions`` gives the training-set size of each of :data:`FRACTIONS` (and of
-    ``fraction``). The split is made on the GST subjects of every contrast folder present, so the T1, T2 and PD
-    datalists of one folder and seed put each subject in the same split.
+    Returns ``{"training", "validation", "test", "fractions", "fraction", "contrast", "seed"}`` (and
+    ``"train_subjects"`` when given): ``training`` holds the GST training subjects of ``fraction`` (a nested
+    subset), ``validation`` the GST validation subjects, ``test`` the GST test subjects followed by every HH and IOP
+    subject. Items are ``{"image", "label", "subject", "site", "contrast"}``. ``fractions`` gives the training-set
+    size of each of :data:`FRACTIONS` (and of ``fraction``). The split is made on the GST subjects of every contrast
+    folder present, so the T1, T2 and PD datalists of one folder and seed put each subject in the same split.
 
     Args:
         dataset_dir: IXI folder holding ``IXI-T1/``, ``IXI-T2/``, ``IXI-PD/`` (or the images themselves).
@@ -385,10 +385,11 @@ def ixi_datalist(
         "test": test,
         "fractions": sizes,
         "fraction": fraction,
-        "train_subjects": train_subjects,
         "contrast": contrast,
         "seed": int(seed),
     }
+    if train_subjects is not None:
+        datalist["train_subjects"] = int(train_subjects)
     chosen_by = f"fraction {fraction}" if train_subjects is None else f"train_subjects {train_subjects}"
     logger.info(
         f"IXI {contrast} datalist from {root}: {len(training)} training ({chosen_by} of {len(train_all)}), "

@@ -1,4 +1,4 @@
-"""Ready-made experiment grids: ``cpu`` (about 2 h on 2 idle cores) and ``paper`` (Tables 1-3, for a GPU).
+"""Ready-made experiment grids: ``cpu`` (3.5-4 h on 2 idle cores) and ``paper`` (Tables 1-3, for a GPU).
 
 Each preset is an ordinary grid (see :mod:`custom.experiment.grid`); ``seqinv experiment --preset cpu --out X
 --dry_run`` writes it, resolved, to ``X/grid.yaml`` for editing, and a grid file naming ``preset: cpu`` changes only
@@ -18,8 +18,8 @@ CPU: dict[str, Any] = {
     "description": (
         "CPU preset: tissue segmentation and denoising on T1, 1 training subject vs all, random / Base / SeqAug / "
         "SeqInv encoders of benchmarks/pretrain_compare.py (seed 0), 2 seeds, each bundle's cpu_small.yaml with "
-        "shortened schedules (the same number of steps for 1 subject as for all); about 2 h on 2 idle cores with the "
-        "24-subject synthetic data set."
+        "shortened schedules (the same number of steps for 1 subject as for all); about 6.5 CPU-hours (3.5-4 h on 2 "
+        "idle cores, estimated) on the 24-subject synthetic data set, a third of it evaluation; seeds: [0] halves it."
     ),
     "encoders": {
         "random": "random",

@@ -185,6 +185,7 @@ def run_cell(
     """Train and evaluate one cell (its training is skipped when ``train.done`` says it finished)."""
     start = time.monotonic()
     cpu_start = _children_cpu()
+    phases: dict[str, float] = {}
     commands = cell.commands(folder, python=python)
     _prepare(cell, folder, commands, log)
     log_path = folder / LOG
@@ -203,6 +204,7 @@ def run_cell(
                 continue
             fh.write(f"\n=== {phase} started {datetime.now().isoformat(timespec='seconds')}\n$ {shlex.join(cmd)}\n")
             fh.flush()
+            phase_cpu = _children_cpu()
             try:
                 rc = subprocess.run(
                     cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, timeout=timeout_s
@@ -214,6 +216,8 @@ def run_cell(
                 fh.flush()
                 return failed(phase, f"could not start {cmd[0]}: {err}")
             fh.flush()
+            if phase_cpu is not None:
+                phases[phase] = round(_children_cpu() - phase_cpu, 1)
             if rc != 0:
                 return failed(phase, f"exit code {rc}")
             if phase == "training":
@@ -230,6 +234,7 @@ def run_cell(
         "fingerprint": cell.fingerprint(),
         "seconds": round(seconds, 1),
         "cpu_seconds": round(cpu, 1) if cpu is not None else None,
+        "cpu_seconds_by_phase": phases,
         "finished": datetime.now().isoformat(timespec="seconds"),
     }
     atomic_write_text(json.dumps(record, indent=2) + "\n", folder / DONE)
