@@ -1,5 +1,8 @@
 """The experiment grid: encoders x tasks x label fractions x contrasts x seeds, resolved into cells.
 
+(About 600 lines, kept in one module on purpose: the grid file's schema, its validation with messages naming
+the bad key, and its resolution into cells are one job; the runner and the report only read resolved cells.)
+
 A grid is a YAML mapping (see the README, "Experiments")::
 
     encoders:                       # name -> weights; "random" = no pretraining
