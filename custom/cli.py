@@ -302,7 +302,12 @@ class Commands:
         print(f"installed {folder}; run e.g. python -m monai.bundle run --config_file {folder}/configs/inference.yaml")
 
     def experiment(
-        self, grid: str | None = None, out: str = "runs/experiment", preset: str | None = None, dry_run: bool = False
+        self,
+        grid: str | None = None,
+        out: str = "runs/experiment",
+        preset: str | None = None,
+        dry_run: bool = False,
+        jobs: int | None = None,
     ) -> None:
         """Train and evaluate every cell of an experiment grid (README, "Experiments"); resumable.
 
@@ -315,10 +320,11 @@ class Commands:
             out: output folder.
             preset: ``cpu`` or ``paper``; with ``--grid`` the file's keys override the preset's.
             dry_run: list the cells and write ``grid.yaml`` without running anything.
+            jobs: cells run at once, each with (CPU cores / jobs) threads; default: the grid's ``jobs`` (1).
         """
         from custom.experiment import run_experiment
 
-        result = run_experiment(grid=grid, out=out, preset=preset, dry_run=bool(dry_run))
+        result = run_experiment(grid=grid, out=out, preset=preset, dry_run=bool(dry_run), jobs=jobs)
         if result.failed:
             raise SystemExit(1)
 

@@ -123,9 +123,15 @@ def test_presets_and_overriding_a_preset(tmp_path):
     assert len(cpu.cells()) == 4 * 2 * 2 * 2  # encoders x fractions x (tissue_seg T1, denoise T1) x seeds
     assert set(cpu.tasks) == {"tissue_seg", "denoise"} and cpu.seeds == [0, 1]
     assert all(c.train_configs[-1].endswith("cpu_small.yaml") for c in cpu.cells())
-    assert cpu.encoders["seqinv"].endswith("runs/compare/seqinv_s0/model.pt")
-    one = next(c for c in cpu.cells() if c.name == "denoise-T1-1subject-seqinv-s0").train_args(tmp_path)
-    assert one["train_subjects"] == 1 and one["train_repeats"] == 100 and one["max_epochs"] == 10
+    assert cpu.encoders["seqinv"].endswith("docs/experiments/cpu/encoders/seqinv_s{seed}.pt")
+    # the committed encoders exist in a clone, one per pretraining seed
+    assert all(Path(c.encoder_path).is_file() for c in cpu.cells() if c.encoder != "random")
+    assert cpu.jobs == 2 and cpu.synthetic_data["ixi_image_models"] == {"IOP": "gmm"}
+    assert cpu.data_root == str(REPO / "data" / "experiment_cpu")
+    one = next(c for c in cpu.cells() if c.name == "denoise-T1-1subject-seqinv-s1")
+    assert one.encoder_path.endswith("seqinv_s1.pt") and one.eval_overrides["test_subjects_per_site"] == 4
+    args = one.train_args(tmp_path)
+    assert args["train_subjects"] == 1 and args["train_repeats"] == 100 and args["max_epochs"] == 10
     paper = load_grid(preset="paper", base=REPO)
     assert len(paper.cells()) == 4 * 3 * 9 * 3  # encoders x fractions x (3 tasks x 3 contrasts) x seeds
     assert paper.tasks["lesion_seg"]["contrasts"] == ["T1w", "T2w", "FLAIR"]
@@ -164,6 +170,97 @@ def test_train_subjects_in_the_datalists(synthetic_dataset):
     assert len({i["subject"] for i in arc["training"]}) == 1
 
 
+def test_test_subjects_per_site(synthetic_dataset):
+    from custom.data.ixi import IXIDatasetError, ixi_datalist
+
+    root = synthetic_dataset(subjects=9, seed=0, resolution=6.0)
+    everything = ixi_datalist(root / "ixi", contrast="T1")
+    capped = ixi_datalist(root / "ixi", contrast="T1", test_subjects_per_site=1)
+    per_site = {}
+    for item in capped["test"]:
+        per_site[item["site"]] = per_site.get(item["site"], 0) + 1
+    assert per_site == dict.fromkeys({i["site"] for i in everything["test"]}, 1)
+    assert all(item in everything["test"] for item in capped["test"])
+    assert capped["training"] == everything["training"] and capped["validation"] == everything["validation"]
+    with pytest.raises(IXIDatasetError, match="test_subjects_per_site"):
+        ixi_datalist(root / "ixi", contrast="T1", test_subjects_per_site=0)
+
+
+def test_synthetic_data_spec_is_checked(tmp_path):
+    base = {"encoders": {"random": "random"}, "tasks": {"tissue_seg": {}}}
+    grid = resolve_grid({**base, "data_root": "d", "synthetic_data": {"subjects": 6}}, base=tmp_path)
+    assert grid.synthetic_data == {"subjects": 6, "seed": 0, "resolution": 2.0, "ixi_image_models": {}}
+    assert load_grid_from_yaml(grid.to_yaml(), tmp_path).synthetic_data == grid.synthetic_data
+    from custom.experiment.runner import site_labels
+
+    models = {"IOP": "gmm", "Guys": "template", "HH": "physics"}
+    labelled = resolve_grid({**base, "data_root": "d", "synthetic_data": {"ixi_image_models": models}}, base=tmp_path)
+    assert site_labels(labelled) == {"IOP": "IOP-gmm", "GST": "GST-template"} and site_labels(grid) == {}
+    with pytest.raises(GridError, match="needs data_root"):
+        resolve_grid({**base, "synthetic_data": {"subjects": 6}}, base=tmp_path)
+    with pytest.raises(GridError, match="unknown model"):
+        resolve_grid({**base, "data_root": "d", "synthetic_data": {"ixi_image_models": {"HH": "gan"}}}, base=tmp_path)
+    with pytest.raises(GridError, match="unknown key"):
+        resolve_grid({**base, "data_root": "d", "synthetic_data": {"subject": 6}}, base=tmp_path)
+    with pytest.raises(GridError, match="jobs"):
+        resolve_grid({**base, "jobs": 0}, base=tmp_path)
+
+
+def load_grid_from_yaml(text: str, folder: Path):
+    path = folder / "written.yaml"
+    path.write_text(text)
+    return load_grid(path, base=folder)
+
+
+def test_synthetic_data_is_made_once_and_never_replaces_other_data(tmp_path, monkeypatch):
+    import custom.data.synthetic as synthetic
+    from custom.experiment.runner import SYNTHETIC_MARKER, ensure_synthetic_data
+
+    calls = []
+
+    def fake_generate(out_dir, **kwargs):
+        calls.append(kwargs)
+        (Path(out_dir) / "ixi").mkdir(parents=True)
+        return {"seconds": 0.1}
+
+    monkeypatch.setattr(synthetic, "generate_dataset", fake_generate)
+    spec = {"subjects": 6, "seed": 1, "resolution": 2.0, "ixi_image_models": {"IOP": "gmm"}}
+    root = tmp_path / "data"
+    (tmp_path / "data.partial").mkdir()  # left over by an interrupted run: replaced
+    (tmp_path / "data.partial" / "junk").write_text("x")
+    lines: list[str] = []
+    ensure_synthetic_data(root, spec, lines.append)
+    assert calls == [
+        {"subjects": 6, "seed": 1, "resolution": 2.0, "ixi_image_models": {"IOP": "gmm"}, "progress": True}
+    ]
+    assert json.loads((root / SYNTHETIC_MARKER).read_text())["spec"] == spec
+    assert (root / "ixi").is_dir() and not (root / "junk").exists() and not (tmp_path / "data.partial").exists()
+    ensure_synthetic_data(root, spec, lines.append)  # made earlier with the same spec: reused
+    assert len(calls) == 1 and "made earlier" in lines[-1]
+    with pytest.raises(GridError, match="was made with"):
+        ensure_synthetic_data(root, {**spec, "seed": 2}, lines.append)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with pytest.raises(GridError, match="not made by a grid"):
+        ensure_synthetic_data(mine, spec, lines.append)
+    assert len(calls) == 1
+
+
+def test_run_child_reports_its_own_cpu_time_and_stops_at_the_timeout(tmp_path):
+    import subprocess
+
+    from custom.experiment.runner import _run_child
+
+    busy = [sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"]
+    with open(tmp_path / "log", "w") as fh:
+        rc, cpu = _run_child(busy, fh, dict(os.environ), None)
+        assert rc == 0 and 0.5 <= cpu < 5.0
+        rc, _ = _run_child([sys.executable, "-c", "raise SystemExit(3)"], fh, dict(os.environ), None)
+        assert rc == 3
+        with pytest.raises(subprocess.TimeoutExpired):
+            _run_child([sys.executable, "-c", "import time; time.sleep(30)"], fh, dict(os.environ), 0.5)
+
+
 # ------------------------------------------------------------------------------------------------- runner
 
 # stands in for `python -m monai.bundle run training|evaluating ...`: writes what the bundles write
@@ -172,6 +269,8 @@ import csv, os, sys, time
 args = dict(zip(sys.argv[7::2], sys.argv[8::2]))
 phase = sys.argv[4]
 print("fake", phase, args.get("--contrast"))
+with open(os.path.join(os.path.dirname(sys.argv[0]), "threads.txt"), "a") as fh:
+    fh.write(os.environ.get("OMP_NUM_THREADS", "-") + "\\n")
 if phase == "training":
     encoder = args["--pretrained_encoder"]
     if encoder != "random" and not os.path.exists(encoder):
@@ -251,6 +350,27 @@ def test_runner_resumes_reports_failures_and_moves_stale_cells(tmp_path, fake_py
     result = run_grid(changed, out, python=fake_python, log=lines.append)
     assert (out / "cells" / "tissue_seg-T1-1.0-base-s0.stale1" / "done.json").is_file()
     assert "--max_epochs 7" in (done / "cell.json").read_text() and (done / "done.json").is_file()
+
+
+def test_jobs_run_cells_at_once_with_their_share_of_the_cores(tmp_path, fake_python, monkeypatch):
+    from custom.experiment.runner import run_grid
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    (tmp_path / "enc.pt").write_text("enc")
+    grid = _fake_grid(tmp_path, {"random": "random", "base": "enc.pt", "broken": "missing.pt"})
+    grid.jobs = 2
+    lines: list[str] = []
+    result = run_grid(grid, tmp_path / "out", python=fake_python, log=lines.append)
+    text = "\n".join(lines)
+    assert "running 2 cells at once, 2 CPU thread(s) each" in text
+    assert [o.cell.name for o in result.outcomes] == [c.name for c in grid.cells()]  # in grid order
+    assert [o.cell.encoder for o in result.failed] == ["broken", "broken"]
+    assert set((tmp_path / "threads.txt").read_text().split()) == {"2"}
+    rows = read_results(tmp_path / "out" / "results.csv")
+    assert {r["encoder"] for r in rows} == {"random", "base"}
+    for cell in ("tissue_seg-T1-1.0-base-s0", "tissue_seg-T1-1subject-random-s0"):
+        done = json.loads((tmp_path / "out" / "cells" / cell / "done.json").read_text())
+        assert done["cpu_seconds"] >= 0 and set(done["cpu_seconds_by_phase"]) == {"training", "evaluating"}
 
 
 # ------------------------------------------------------------------------------------------------- tables

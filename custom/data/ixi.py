@@ -292,6 +292,19 @@ def _ensure_synthetic(root: Path, seed: int) -> None:
     generate_dataset(root.parent, subjects=subjects, seed=seed, resolution=2.0, preview=False, progress=True)
 
 
+def _cap_per_site(items: list[dict[str, str]], limit: int) -> list[dict[str, str]]:
+    """The first ``limit`` items of each site, in their order."""
+    if limit < 1:
+        raise IXIDatasetError(f"test_subjects_per_site must be >= 1 (or null for all), got {limit}")
+    seen: dict[str, int] = {}
+    kept = []
+    for item in items:
+        seen[item["site"]] = seen.get(item["site"], 0) + 1
+        if seen[item["site"]] <= limit:
+            kept.append(item)
+    return kept
+
+
 def ixi_datalist(
     dataset_dir: str | Path,
     contrast: str = "T1",
@@ -303,6 +316,7 @@ def ixi_datalist(
     output_json: str | Path | None = None,
     synthesize_if_missing: bool | None = None,
     train_subjects: int | None = None,
+    test_subjects_per_site: int | None = None,
 ) -> dict[str, object]:
     """Build the paper's IXI datalist for one contrast.
 
@@ -330,6 +344,8 @@ def ixi_datalist(
             yourself that is missing is an error, never silently replaced by synthetic data.
         train_subjects: a number of training subjects (e.g. 1) instead of ``fraction`` (see
             :func:`training_subset`); ``None`` uses ``fraction``.
+        test_subjects_per_site: keep at most this many test subjects of each site (GST in the split's order,
+            HH / IOP the first by name), to make evaluation cheaper in experiment grids; ``None`` keeps them all.
 
     Raises:
         IXIDatasetError: missing folder or images, a missing training/validation label, a bad fraction, contrast
@@ -368,6 +384,11 @@ def ixi_datalist(
                     f"(labels_dir={labels}, label_pattern={label_pattern!r}); pass labels_dir/label_pattern "
                     f"matching your label files, or require_labels=False"
                 )
+    if test_subjects_per_site is not None:
+        test_gst, ood = (
+            _cap_per_site(test_gst, int(test_subjects_per_site)),
+            _cap_per_site(ood, int(test_subjects_per_site)),
+        )
     test = [*test_gst, *ood]
     unlabelled = [i["subject"] for i in test if "label" not in i]
     if unlabelled:

@@ -88,8 +88,9 @@ KNOWN_ENCODERS = {
 _DISPLAY = {"random": "Random", "base": "Base", "seqaug": "SeqAug", "seqinv": "SeqInv"}
 _TOP_KEYS = {
     "preset", "bundles_dir", "encoders", "tasks", "seeds", "data_root", "overrides", "train_overrides",
-    "eval_overrides", "train_configs", "eval_configs", "timeout_s", "description",
+    "eval_overrides", "train_configs", "eval_configs", "timeout_s", "description", "synthetic_data", "jobs",
 }  # fmt: skip
+_SYNTHETIC_KEYS = {"subjects", "seed", "resolution", "ixi_image_models"}
 _TASK_KEYS = {
     "contrasts", "fractions", "metrics", "bundle", "overrides", "train_overrides", "eval_overrides",
     "train_configs", "eval_configs", "data_root", "fraction_overrides",
@@ -340,6 +341,8 @@ class Grid:
     timeout_s: float | None = None
     preset: str | None = None
     description: str | None = None
+    synthetic_data: dict[str, Any] | None = None
+    jobs: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved grid as plain data (loadable again by :func:`load_grid`)."""
@@ -361,8 +364,11 @@ class Grid:
                 "train_configs": list(self.train_configs),
                 "eval_configs": list(self.eval_configs),
                 "timeout_s": self.timeout_s,
+                "jobs": self.jobs,
             }
         )
+        if self.synthetic_data is not None:
+            out["synthetic_data"] = copy.deepcopy(self.synthetic_data)
         return out
 
     def to_yaml(self) -> str:
@@ -553,6 +559,10 @@ def resolve_grid(raw: Mapping[str, Any], base: str | Path | None = None) -> Grid
                 p = Path(str(name))
                 if not p.is_absolute() and not (Path(spec["bundle"]) / "configs" / p).is_file():
                     raise GridError(f"{key}: {name} is not in {Path(spec['bundle']) / 'configs'} (task {task})")
+    synthetic = _synthetic_spec(raw.get("synthetic_data"), raw.get("data_root"))
+    jobs = raw.get("jobs", 1)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise GridError(f"jobs must be a whole number >= 1 (cells run at once), got {jobs!r}")
     timeout = raw.get("timeout_s")
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
         raise GridError(f"timeout_s must be a positive number of seconds per bundle run, got {timeout!r}")
@@ -570,7 +580,38 @@ def resolve_grid(raw: Mapping[str, Any], base: str | Path | None = None) -> Grid
         timeout_s=float(timeout) if timeout is not None else None,
         preset=raw.get("preset") or raw.get("resolved_from_preset"),
         description=raw.get("description"),
+        synthetic_data=synthetic,
+        jobs=int(jobs),
     )
+
+
+def _synthetic_spec(value: Any, data_root: Any) -> dict[str, Any] | None:
+    """Check ``synthetic_data`` (how to create ``data_root`` when it is missing): subjects, seed, resolution, models."""
+    if value is None:
+        return None
+    spec = _mapping(value, "synthetic_data")
+    unknown = set(spec) - _SYNTHETIC_KEYS
+    if unknown:
+        raise GridError(f"synthetic_data: unknown key(s) {sorted(unknown)}; known: {sorted(_SYNTHETIC_KEYS)}")
+    if not data_root:
+        raise GridError("synthetic_data needs data_root: the folder the synthetic data set is written to")
+    try:
+        out = {
+            "subjects": int(spec.get("subjects", 24)),
+            "seed": int(spec.get("seed", 0)),
+            "resolution": float(spec.get("resolution", 2.0)),
+            "ixi_image_models": {str(k): str(v) for k, v in _mapping(spec.get("ixi_image_models"), "models").items()},
+        }
+    except (TypeError, ValueError) as err:
+        raise GridError(f"synthetic_data: {err}") from None
+    if out["subjects"] < 3 or out["resolution"] <= 0:
+        raise GridError(f"synthetic_data: need subjects >= 3 and resolution > 0 mm, got {spec!r}")
+    from custom.data.image_models import IMAGE_MODELS
+
+    bad = {k: v for k, v in out["ixi_image_models"].items() if v not in IMAGE_MODELS}
+    if bad:
+        raise GridError(f"synthetic_data: ixi_image_models: unknown model(s) {bad}; known: {', '.join(IMAGE_MODELS)}")
+    return out
 
 
 def load_grid(path: str | Path | None = None, preset: str | None = None, base: str | Path | None = None) -> Grid:

@@ -1,4 +1,4 @@
-"""Ready-made experiment grids: ``cpu`` (3.5-4 h on 2 idle cores) and ``paper`` (Tables 1-3, for a GPU).
+"""Ready-made experiment grids: ``cpu`` (about 1.5 h on 2 idle cores) and ``paper`` (Tables 1-3, for a GPU).
 
 Each preset is an ordinary grid (see :mod:`custom.experiment.grid`); ``seqinv experiment --preset cpu --out X
 --dry_run`` writes it, resolved, to ``X/grid.yaml`` for editing, and a grid file naming ``preset: cpu`` changes only
@@ -12,29 +12,37 @@ from typing import Any
 
 __all__ = ["PRESETS", "preset_grid"]
 
-_COMPARE = "bundles/seqinv_pretrain/runs/compare"
+_ENCODERS = "docs/experiments/cpu/encoders"
 
 CPU: dict[str, Any] = {
     "description": (
         "CPU preset: tissue segmentation and denoising on T1, 1 training subject vs all, random / Base / SeqAug / "
-        "SeqInv encoders of benchmarks/pretrain_compare.py (seed 0), 2 seeds, each bundle's cpu_small.yaml with "
-        "shortened schedules (the same number of steps for 1 subject as for all); about 6.5 CPU-hours (3.5-4 h on 2 "
-        "idle cores, estimated) on the 24-subject synthetic data set, a third of it evaluation; seeds: [0] halves it."
+        "SeqInv CPU-size encoders (docs/experiments/cpu/encoders: what benchmarks/pretrain_compare.py trained with "
+        "seqinv_pretrain's cpu_small.yaml, pretraining seed = cell seed), 2 seeds, each bundle's cpu_small.yaml with "
+        "shortened schedules (the same number of steps for 1 subject as for all); test sites GST (in domain), HH "
+        "(another physics protocol) and IOP rendered by the gmm image model (no signal equation), 4 test subjects "
+        "per site; 32 cells, 2 at a time: about 1.5 h on 2 idle cores."
     ),
     "encoders": {
         "random": "random",
-        "base": f"{_COMPARE}/base_s0/model.pt",
-        "seqaug": f"{_COMPARE}/seqaug_s0/model.pt",
-        "seqinv": f"{_COMPARE}/seqinv_s0/model.pt",
+        "base": f"{_ENCODERS}/base_s{{seed}}.pt",
+        "seqaug": f"{_ENCODERS}/seqaug_s{{seed}}.pt",
+        "seqinv": f"{_ENCODERS}/seqinv_s{{seed}}.pt",
     },
     "seeds": [0, 1],
+    "jobs": 2,
+    # its own data set, made on first use: seed 1, so its subjects are not the pretraining subjects (seed 0), and
+    # the IOP site comes from the gmm image model (tissue intensities drawn per image, no signal equation)
+    "data_root": "data/experiment_cpu",
+    "synthetic_data": {"subjects": 24, "seed": 1, "resolution": 2.0, "ixi_image_models": {"IOP": "gmm"}},
+    "eval_overrides": {"test_subjects_per_site": 4},
     "tasks": {
         "tissue_seg": {
             "contrasts": ["T1"],
             "fractions": ["1subject", 1.0],
             "metrics": ["dice_mean", "hd95_mean"],
             "train_configs": ["cpu_small.yaml"],
-            # cpu_small.yaml: 100 epochs of 2 images x 4 patches (36-49 min per model); here 25 epochs of 2 x 2
+            # cpu_small.yaml: 100 epochs of 2 images x 4 patches; here 25 epochs of 2 x 2
             "train_overrides": {"max_epochs": 25, "val_interval": 5, "samples_per_image": 2},
             # the same number of steps as all 5 GST training subjects of the 24-subject synthetic set (3 per epoch)
             "fraction_overrides": {"1subject": {"train_repeats": 6}},
@@ -44,8 +52,8 @@ CPU: dict[str, Any] = {
             "fractions": ["1subject", 1.0],
             "metrics": ["psnr_denoised", "ssim_denoised", "psnr_gain"],
             "train_configs": ["cpu_small.yaml"],
-            # cpu_small.yaml: 30 epochs of 50 steps (17-21 min per model); 10 epochs = 500 steps, about the fewest
-            # with which a noise-predicting decoder beats predicting zero (docs of ixi_denoise)
+            # cpu_small.yaml: 30 epochs of 30 steps; 10 epochs of 50 = 500 steps, about the fewest with which a
+            # noise-predicting decoder beats predicting zero (measured: 300 steps do not)
             "train_overrides": {"max_epochs": 10, "val_interval": 5},
             # one subject drawn 100 times per epoch: 50 steps per epoch, as 5 subjects x 20 repeats
             "fraction_overrides": {"1subject": {"train_repeats": 100}},

@@ -21,10 +21,13 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -150,25 +153,57 @@ def _prepare(cell: Cell, folder: Path, commands: dict[str, list[str]], log: Call
     atomic_write_text(json.dumps(payload, indent=2, default=str) + "\n", folder / CELL_JSON)
 
 
-def _child_env() -> dict[str, str]:
-    """The environment of the bundle runs: this ``custom`` package importable first, unbuffered output."""
+def _child_env(threads: int | None = None) -> dict[str, str]:
+    """The environment of the bundle runs: this ``custom`` package importable first, unbuffered output, and
+    ``threads`` CPU threads (``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``) when given."""
     import custom
 
     env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(int(threads))
     root = str(Path(custom.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
-def _children_cpu() -> float | None:
-    """CPU seconds (user + system) of the finished child processes so far; ``None`` where unavailable."""
+def _run_child(cmd: Sequence[str], out, env: dict[str, str], timeout_s: float | None) -> tuple[int, float | None]:
+    """Run ``cmd`` (output to the file ``out``) and return its exit code and CPU seconds (user + system, its own
+    and its reaped children's, e.g. data-loader workers); ``None`` CPU where the platform cannot tell.
+
+    The CPU time is read from this child's own resource usage (``os.wait4``), so it stays right when several
+    cells run at once (``RUSAGE_CHILDREN`` would mix them).
+
+    Raises:
+        subprocess.TimeoutExpired: past ``timeout_s`` (the child is killed).
+    """
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    if not hasattr(os, "wait4"):  # pragma: no cover - Windows
+        try:
+            return proc.wait(timeout=timeout_s), None
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
-        import resource
-    except ImportError:  # pragma: no cover - Windows
-        return None
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                proc.returncode = -9  # reaped here: Popen must not wait for it again
+                raise subprocess.TimeoutExpired(list(cmd), timeout_s)
+            time.sleep(0.2)
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+        raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime
 
 
 def _tail(path: Path, lines: int = 3) -> list[str]:
@@ -180,17 +215,24 @@ def _tail(path: Path, lines: int = 3) -> list[str]:
 
 
 def run_cell(
-    cell: Cell, folder: Path, python: str = sys.executable, timeout_s: float | None = None, log=_print
+    cell: Cell,
+    folder: Path,
+    python: str = sys.executable,
+    timeout_s: float | None = None,
+    log=_print,
+    threads: int | None = None,
 ) -> CellOutcome:
-    """Train and evaluate one cell (its training is skipped when ``train.done`` says it finished)."""
+    """Train and evaluate one cell (its training is skipped when ``train.done`` says it finished).
+
+    ``threads``: CPU threads of each bundle run (``OMP_NUM_THREADS``), set when several cells run at once.
+    """
     start = time.monotonic()
-    cpu_start = _children_cpu()
     phases: dict[str, float] = {}
     commands = cell.commands(folder, python=python)
     _prepare(cell, folder, commands, log)
     log_path = folder / LOG
     model = folder / "train" / "model.pt"
-    env = _child_env()
+    env = _child_env(threads)
 
     def failed(phase: str, message: str) -> CellOutcome:
         with open(log_path, "a") as fh:
@@ -204,11 +246,8 @@ def run_cell(
                 continue
             fh.write(f"\n=== {phase} started {datetime.now().isoformat(timespec='seconds')}\n$ {shlex.join(cmd)}\n")
             fh.flush()
-            phase_cpu = _children_cpu()
             try:
-                rc = subprocess.run(
-                    cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, timeout=timeout_s
-                ).returncode
+                rc, phase_cpu = _run_child(cmd, fh, env, timeout_s)
             except subprocess.TimeoutExpired:
                 fh.flush()
                 return failed(phase, f"stopped after the grid's timeout_s of {timeout_s:g} s")
@@ -217,7 +256,7 @@ def run_cell(
                 return failed(phase, f"could not start {cmd[0]}: {err}")
             fh.flush()
             if phase_cpu is not None:
-                phases[phase] = round(_children_cpu() - phase_cpu, 1)
+                phases[phase] = round(phase_cpu, 1)
             if rc != 0:
                 return failed(phase, f"exit code {rc}")
             if phase == "training":
@@ -228,8 +267,7 @@ def run_cell(
     if not metrics.is_file():
         return failed("evaluating", f"evaluation ended without writing {metrics}")
     seconds = time.monotonic() - start
-    cpu_end = _children_cpu()
-    cpu = cpu_end - cpu_start if cpu_start is not None and cpu_end is not None else None
+    cpu = sum(phases.values()) if phases else None
     record = {
         "fingerprint": cell.fingerprint(),
         "seconds": round(seconds, 1),
@@ -241,8 +279,25 @@ def run_cell(
     return CellOutcome(cell, "done", seconds, log_path, cpu_seconds=cpu)
 
 
-def collect_results(cells: Sequence[Cell], out: str | Path) -> list[dict[str, Any]]:
-    """Long-format rows (encoder, task, fraction, contrast, seed, site, subject, metric, value) of finished cells."""
+def site_labels(grid: Grid) -> dict[str, str]:
+    """Site code -> table name for the sites the grid's synthetic data renders with another image model
+    (``{"IOP": "IOP-gmm"}``), so no table shows a gmm site under a physics site's name."""
+    if grid.synthetic_data is None:
+        return {}
+    codes = {"Guys": "GST"}
+    return {
+        codes.get(site, site): f"{codes.get(site, site)}-{model}"
+        for site, model in grid.synthetic_data["ixi_image_models"].items()
+        if model != "physics"
+    }
+
+
+def collect_results(
+    cells: Sequence[Cell], out: str | Path, labels: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Long-format rows (encoder, task, fraction, contrast, seed, site, subject, metric, value) of finished cells;
+    ``labels`` renames sites (see :func:`site_labels`)."""
+    labels = labels or {}
     from custom.metrics import ResultsTable
 
     rows: list[dict[str, Any]] = []
@@ -260,7 +315,7 @@ def collect_results(cells: Sequence[Cell], out: str | Path) -> list[dict[str, An
                         "fraction": cell.fraction.key,
                         "contrast": cell.contrast,
                         "seed": cell.seed,
-                        "site": row.get("site") or NO_SITE,
+                        "site": labels.get(row.get("site") or NO_SITE, row.get("site") or NO_SITE),
                         "subject": row.get("subject", ""),
                         "metric": metric,
                         "value": row.get(metric),
@@ -316,44 +371,69 @@ def run_grid(
     for path in missing:
         log(f"WARNING: encoder weights {path} do not exist; the cells using them will fail")
 
+    if grid.synthetic_data is not None and grid.data_root:
+        ensure_synthetic_data(grid.data_root, grid.synthetic_data, log)
+    threads = max(1, (os.cpu_count() or 1) // grid.jobs) if grid.jobs > 1 else None
+    if grid.jobs > 1:
+        log(f"running {grid.jobs} cells at once, {threads} CPU thread(s) each")
+
     start = time.monotonic()
     ran: list[float] = []
     left = len(todo)
-    for i, cell in enumerate(cells, start=1):
+    lock = threading.Lock()
+
+    def one(i: int, cell: Cell) -> CellOutcome:
+        nonlocal left
         folder = cell_dir(out, cell)
         prefix = f"[{i}/{len(cells)}] {cell.name}"
-        if cell.name not in todo:
-            log(f"{prefix}: skipped (finished earlier; {folder / 'eval' / 'metrics.csv'})")
-            result.outcomes.append(CellOutcome(cell, "skipped", 0.0, folder / LOG))
-            continue
         log(f"{prefix}: training + evaluation (log: {folder / LOG})")
-        try:
-            outcome = run_cell(cell, folder, python=python, timeout_s=grid.timeout_s, log=log)
-        except KeyboardInterrupt:
-            log(f"{prefix}: interrupted; the same command resumes (finished cells are skipped)")
-            raise
-        result.outcomes.append(outcome)
-        left -= 1
-        if outcome.status == "done":
-            ran.append(outcome.seconds)
-        if ran:
-            mean = sum(ran) / len(ran)
-            eta = f"about {format_duration(mean * left)} left ({format_duration(mean)} x {_cells(left)})"
-        else:
-            eta = f"{_cells(left)} left"
-        elapsed = f"elapsed {format_duration(time.monotonic() - start)}"
-        if outcome.status == "done":
-            cpu = f" (CPU {format_duration(outcome.cpu_seconds)})" if outcome.cpu_seconds is not None else ""
-            log(f"{prefix}: done in {format_duration(outcome.seconds)}{cpu} | {elapsed} | {eta}")
-        else:
-            log(
-                f"{prefix}: FAILED in {outcome.phase} ({outcome.message}) after {format_duration(outcome.seconds)}; "
-                f"log: {outcome.log} | {elapsed} | {eta}"
-            )
-            for line in _tail(outcome.log):
-                log(f"    {line}")
+        outcome = run_cell(cell, folder, python=python, timeout_s=grid.timeout_s, log=log, threads=threads)
+        with lock:
+            left -= 1
+            if outcome.status == "done":
+                ran.append(outcome.seconds)
+            if ran:
+                mean = sum(ran) / len(ran) / grid.jobs
+                eta = f"about {format_duration(mean * left)} left ({format_duration(mean)} x {_cells(left)})"
+            else:
+                eta = f"{_cells(left)} left"
+            elapsed = f"elapsed {format_duration(time.monotonic() - start)}"
+            if outcome.status == "done":
+                cpu = f" (CPU {format_duration(outcome.cpu_seconds)})" if outcome.cpu_seconds is not None else ""
+                log(f"{prefix}: done in {format_duration(outcome.seconds)}{cpu} | {elapsed} | {eta}")
+            else:
+                log(
+                    f"{prefix}: FAILED in {outcome.phase} ({outcome.message}) after "
+                    f"{format_duration(outcome.seconds)}; log: {outcome.log} | {elapsed} | {eta}"
+                )
+                for line in _tail(outcome.log):
+                    log(f"    {line}")
+        return outcome
 
-    rows = collect_results(cells, out)
+    outcomes: dict[int, CellOutcome] = {}
+    pending = []
+    for i, cell in enumerate(cells, start=1):
+        if cell.name not in todo:
+            metrics = cell_dir(out, cell) / "eval" / "metrics.csv"
+            log(f"[{i}/{len(cells)}] {cell.name}: skipped (finished earlier; {metrics})")
+            outcomes[i] = CellOutcome(cell, "skipped", 0.0, cell_dir(out, cell) / LOG)
+        else:
+            pending.append((i, cell))
+    try:
+        if grid.jobs == 1:
+            for i, cell in pending:
+                outcomes[i] = one(i, cell)
+        else:
+            with ThreadPoolExecutor(max_workers=grid.jobs) as pool:
+                futures = {pool.submit(one, i, cell): i for i, cell in pending}
+                for future in futures:
+                    outcomes[futures[future]] = future.result()
+    except KeyboardInterrupt:
+        log("interrupted; the same command resumes (finished cells are skipped)")
+        raise
+    result.outcomes.extend(outcomes[i] for i in sorted(outcomes))
+
+    rows = collect_results(cells, out, site_labels(grid))
     result.files.update(write_report(rows, out, grid=grid, failed=[(o.cell.name, o.log) for o in result.failed]))
     for name in ("results", "tables", "figure"):
         if name in result.files:
@@ -365,12 +445,68 @@ def run_grid(
     return result
 
 
+SYNTHETIC_MARKER = "synthetic_data.json"
+
+
+def ensure_synthetic_data(data_root: str | Path, spec: dict[str, Any], log: Callable[[str], None] = _print) -> Path:
+    """Create the grid's synthetic data set in ``data_root`` unless it is there already (made with ``spec``).
+
+    It is written to ``<data_root>.partial`` and renamed when complete, with ``synthetic_data.json`` (the spec and
+    the generator's summary) inside, so an interrupted run never leaves a half data set that looks finished.
+
+    Raises:
+        GridError: ``data_root`` exists but was not made from ``spec`` (another spec, or data of your own).
+    """
+    from custom.data.synthetic import generate_dataset
+    from custom.experiment.grid import GridError
+
+    root = Path(data_root)
+    marker = root / SYNTHETIC_MARKER
+    if root.exists():
+        made = _read_json(marker)
+        if made is not None and made.get("spec") == spec:
+            log(f"synthetic data: {root} (made earlier with {spec})")
+            return root
+        what = f"was made with {made.get('spec')}" if made else f"has no {SYNTHETIC_MARKER} (not made by a grid)"
+        raise GridError(
+            f"data_root {root} exists but {what}; the grid's synthetic_data is {spec}: delete the folder, "
+            "or point data_root elsewhere"
+        )
+    partial = root.with_name(root.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    log(f"synthetic data: creating {root} ({spec})")
+    summary = generate_dataset(
+        partial,
+        subjects=spec["subjects"],
+        seed=spec["seed"],
+        resolution=spec["resolution"],
+        ixi_image_models=spec["ixi_image_models"] or None,
+        progress=True,
+    )
+    atomic_write_text(
+        json.dumps({"spec": spec, "summary": summary}, indent=2, default=str) + "\n", partial / SYNTHETIC_MARKER
+    )
+    partial.rename(root)
+    log(f"synthetic data: {root} written in {format_duration(float(summary.get('seconds', 0.0)))}")
+    return root
+
+
 def run_experiment(
     grid: str | Path | None = None,
     out: str | Path = "runs/experiment",
     preset: str | None = None,
     dry_run: bool = False,
     log: Callable[[str], None] = _print,
+    jobs: int | None = None,
 ) -> ExperimentResult:
-    """``seqinv experiment``: load ``grid`` (and/or ``preset``) and run it into ``out``."""
-    return run_grid(load_grid(grid, preset=preset), out, dry_run=dry_run, log=log)
+    """``seqinv experiment``: load ``grid`` (and/or ``preset``) and run it into ``out`` (``jobs``: cells at once,
+    overriding the grid's ``jobs``)."""
+    loaded = load_grid(grid, preset=preset)
+    if jobs is not None:
+        if int(jobs) < 1:
+            from custom.experiment.grid import GridError
+
+            raise GridError(f"--jobs must be >= 1, got {jobs}")
+        loaded.jobs = int(jobs)
+    return run_grid(loaded, out, dry_run=dry_run, log=log)
