@@ -169,6 +169,10 @@ def test_invalid_settings_are_clear_errors():
         T.ContrastiveViewStage("batched", mode="simclr")
     with pytest.raises(InputError, match="view_path"):
         T.ContrastiveViewStage("gpu")
+    with pytest.raises(InputError, match=r"unknown view setting\(s\) \['patchsize'\]"):
+        T.ContrastiveViewStage("per_sample", patchsize=32)
+    per_sample = T.ContrastiveViewStage("per_sample", patch_size=32, shared_region=1.5).worker_transforms[0]
+    assert per_sample.patch_size == (32, 32, 32) and per_sample.mode == "seqinv" and per_sample.clip_maps == (0.5, 99.5)
     with pytest.raises(InputError, match="view_norm"):
         T.ContrastiveViewStage("batched", view_norm="minmax")
     with pytest.raises(TypeError, match="unknown augment"):

@@ -37,6 +37,7 @@ no output is bit-identical to the per-sample one):
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -750,6 +751,19 @@ class BatchedViewsCollate:
         return self.views(batch, device=torch.device("cpu"))
 
 
+#: ContrastiveViewsd's settings (name -> default) that ContrastiveViewStage accepts (all but ``keep_inputs``).
+_VIEW_SETTINGS: dict[str, Any] = {
+    name: param.default
+    for name, param in inspect.signature(ContrastiveViewsd.__init__).parameters.items()
+    if name not in ("self", "keep_inputs")
+}
+#: The settings the batch call (:class:`BatchedContrastiveViews`) takes; the rest go to the loader transforms.
+_BATCHED_SETTINGS = (
+    "mode", "sequences", "preset", "b1_field", "b1_degree", "patch_size", "augment", "percentile", "max_tries",
+    "empty_threshold", "shared_region", "view_norm", "zscore", "view_keys", "recon_keys",
+)  # fmt: skip
+
+
 class ContrastiveViewStage:
     """The view settings of the bundle, and the loader transforms and batch call of the chosen ``path``.
 
@@ -770,52 +784,24 @@ class ContrastiveViewStage:
         self,
         path: str = "per_sample",
         *,
-        mode: str = "seqinv",
-        map_keys: Sequence[Hashable] = MAP_KEYS,
-        qmri_key: Hashable | None = None,
-        r2_key: Hashable | None = "r2",
-        mprage_key: Hashable | None = None,
-        mask_key: Hashable | None = None,
-        view_keys: Sequence[Hashable] = ("image1", "image2"),
-        recon_keys: Sequence[Hashable] = ("image1_recon", "image2_recon"),
-        sequences: Sequence[str] = SEQUENCES,
-        preset: str = "paper",
-        b1_field: float = 0.1,
-        b1_degree: int = 2,
-        patch_size: Sequence[int] | int = (96, 96, 96),
-        augment: Mapping[str, Any] | None = None,
-        percentile: float = 99.5,
-        max_tries: int = 10,
-        empty_threshold: float = 1e-6,
-        shared_region: float | None = 1.2,
-        clip_maps: Sequence[float] | None = (0.5, 99.5),
-        view_norm: str = "histeq",
-        zscore: bool = True,
         sample_voxels: int = 2**15,
         chunk_views: int | None = None,
         seed: int | None = None,
+        **settings: Any,
     ) -> None:
+        # The view settings are ContrastiveViewsd's own keyword arguments, taken by name (with its defaults) rather
+        # than repeated here, so the two paths cannot drift apart in names or defaults.
         if path not in VIEW_PATHS:
             raise InputError(f"view_path must be one of {VIEW_PATHS}, got {path!r}")
+        unknown = sorted(set(settings) - set(_VIEW_SETTINGS))
+        if unknown:
+            raise InputError(f"unknown view setting(s) {unknown}; known: {', '.join(_VIEW_SETTINGS)}")
+        given = {**_VIEW_SETTINGS, **settings}
         self.path = path
-        common = {
-            "mode": mode,
-            "sequences": sequences,
-            "preset": preset,
-            "b1_field": b1_field,
-            "b1_degree": b1_degree,
-            "patch_size": patch_size,
-            "augment": augment,
-            "percentile": percentile,
-            "max_tries": max_tries,
-            "empty_threshold": empty_threshold,
-            "shared_region": shared_region,
-            "view_norm": view_norm,
-            "zscore": zscore,
-            "view_keys": view_keys,
-            "recon_keys": recon_keys,
-        }
-        inputs = {"map_keys": map_keys, "qmri_key": qmri_key, "r2_key": r2_key, "mprage_key": mprage_key}
+        common = {key: given[key] for key in _BATCHED_SETTINGS}
+        inputs = {key: given[key] for key in ("map_keys", "qmri_key", "r2_key", "mprage_key")}
+        mode, mask_key, clip_maps = given["mode"], given["mask_key"], given["clip_maps"]
+        patch_size, augment, shared_region = given["patch_size"], given["augment"], given["shared_region"]
         self.views: BatchedContrastiveViews | None = None
         self.batch_views: BatchedContrastiveViews | None = None
         self.collate_fn: Any = list_data_collate
