@@ -58,7 +58,7 @@ weights: install
 	@echo "demo weights (synthetic data, not for clinical use): bundles/*/models/model.pt"
 
 package: install
-	for b in bundles/*/; do $(BIN)/seqinv package $$b --out dist || exit 1; done
+	for b in bundles/[!_]*/; do $(BIN)/seqinv package $$b --out dist || exit 1; done
 	@echo "zips and their sha256 in dist/model_info.json"
 
 lint: install

@@ -25,6 +25,10 @@ Config: ``cpu_small`` (train.yaml + cpu_small.yaml: 48^3, batch 4, small widths)
 
     python benchmarks/pretrain.py [--iterations 20] [--warmup 3] [--num_workers 2] [--config cpu_small|paper]
                                   [--rounds 1] [--device cuda:0] [--dataset_dir data/synthetic/qmri]
+                                  [--view_path per_sample|batched|batched_workers]
+
+With ``--view_path batched`` the views of each batch are made inside the iteration (on the training device); their
+time is shown as the "views share" beside the data-wait share (the step waits for data for their sum).
 """
 
 from __future__ import annotations
@@ -70,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="monai.utils.set_determinism seed (not the data split)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat both runs, alternating their order")
     parser.add_argument("--impl", choices=("both", *IMPLEMENTATIONS), default="both", help="run only one")
+    parser.add_argument(
+        "--view_path", default=None, help="per_sample | batched | batched_workers (default: the config's view_path)"
+    )
     parser.add_argument("--result_json", default=None, help=argparse.SUPPRESS)  # child -> parent
     args = parser.parse_args(argv)
     if args.iterations < 1 or args.warmup < 0 or args.num_workers < 0 or args.rounds < 1:
@@ -101,6 +108,8 @@ def bundle_config(args: argparse.Namespace, output_dir: str) -> ConfigParser:
         "max_epochs": 1,
         "iterations_per_epoch": args.warmup + args.iterations,
     }
+    if args.view_path:
+        overrides["view_path"] = args.view_path
     for key, value in overrides.items():
         parser[key] = value
     parser["train#dataset#progress"] = False  # no caching progress bar in the benchmark's output
@@ -115,6 +124,7 @@ class Step:
     fetch_start: float
     fetch_end: float
     end: float
+    views: float = 0.0  # seconds making the views on the device (view_path batched)
 
 
 @dataclass
@@ -126,6 +136,7 @@ class StepTimer:
     losses: list[float] = field(default_factory=list)
     _fetch_start: float = 0.0
     _fetch_end: float = 0.0
+    _views: float = 0.0
 
     def fetch_started(self, *_: object) -> None:
         self._fetch_start = time.perf_counter()
@@ -136,8 +147,24 @@ class StepTimer:
     def step_completed(self, loss: float) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.steps.append(Step(self._fetch_start, self._fetch_end, time.perf_counter()))
+        self.steps.append(Step(self._fetch_start, self._fetch_end, time.perf_counter(), self._views))
         self.losses.append(loss)
+        self._views = 0.0
+
+    def timed_views(self, batch_views: Any) -> Any:
+        """``batch_views`` wrapped so its time (device synchronised) is recorded for the current step."""
+
+        def call(batch: Any, **kwargs: Any) -> Any:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            start = time.perf_counter()
+            out = batch_views(batch, **kwargs)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._views += time.perf_counter() - start
+            return out
+
+        return call
 
 
 @dataclass
@@ -148,6 +175,7 @@ class Result:
     iterations_per_second: float
     seconds_per_iteration: float
     data_wait_share: float
+    view_share: float
     peak_memory_bytes: int
     memory_growth_bytes: int
     memory_kind: str
@@ -182,6 +210,7 @@ def summarise(name: str, timer: StepTimer, warmup: int, device: torch.device, ma
         raise RuntimeError(f"{name}: only {len(timer.steps)} iterations ran, none after the {warmup} warm-up ones")
     seconds = timed[-1].end - timed[0].fetch_start
     wait = sum(s.fetch_end - s.fetch_start for s in timed)
+    views = sum(s.views for s in timed)
     peak = _memory_peak(device)
     return Result(
         implementation=name,
@@ -190,6 +219,7 @@ def summarise(name: str, timer: StepTimer, warmup: int, device: torch.device, ma
         iterations_per_second=len(timed) / seconds,
         seconds_per_iteration=seconds / len(timed),
         data_wait_share=wait / seconds,
+        view_share=views / seconds,
         peak_memory_bytes=peak,
         memory_growth_bytes=max(peak - mark, 0),
         memory_kind="cuda max allocated" if device.type == "cuda" else "process max RSS",
@@ -208,6 +238,8 @@ def run_ours(parser: ConfigParser, args: argparse.Namespace) -> Result:
     device = torch.device(args.device)
     trainer = parser.get_parsed_content("train#trainer")
     timer = StepTimer(device)
+    if trainer.batch_views is not None:  # view_path batched: the views are made inside the iteration
+        trainer.batch_views = timer.timed_views(trainer.batch_views)
     trainer.add_event_handler(Events.GET_BATCH_STARTED, timer.fetch_started)
     trainer.add_event_handler(Events.GET_BATCH_COMPLETED, timer.fetch_completed)
     trainer.add_event_handler(
@@ -235,6 +267,7 @@ def run_baseline(parser: ConfigParser, args: argparse.Namespace) -> Result:
     device = torch.device(args.device)
     amp = device.type == "cuda"
     loader = value("train#dataloader")
+    batch_views = value("train#views").batch_views
     model = PretrainingModel(
         in_channels=1,
         features=value("encoder_features"),
@@ -257,6 +290,8 @@ def run_baseline(parser: ConfigParser, args: argparse.Namespace) -> Result:
         timer.fetch_started()
         batch = next(batches)
         timer.fetch_completed()
+        if batch_views is not None:
+            batch = timer.timed_views(batch_views)(batch, device=device)
         view1, view2, target1, target2 = (
             _plain(batch[k], device) for k in ("image1", "image2", "image1_recon", "image2_recon")
         )
@@ -295,6 +330,8 @@ def child_command(args: argparse.Namespace, impl: str, result_json: str) -> list
     command = [sys.executable, str(Path(__file__).resolve()), "--impl", impl, "--result_json", result_json]
     for key in ("dataset_dir", "iterations", "warmup", "num_workers", "config", "device", "seed"):
         command += [f"--{key}", str(getattr(args, key))]
+    if args.view_path:
+        command += ["--view_path", args.view_path]
     return command
 
 
@@ -304,16 +341,23 @@ def _memory_text(r: Result) -> str:
 
 
 def print_table(results: list[Result]) -> None:
-    header = f"{'implementation':<14} {'it/s':>8} {'s/it':>8} {'data-wait share':>16} {'peak memory':>26} {'loss':>16}"
+    header = (
+        f"{'implementation':<14} {'it/s':>8} {'s/it':>8} {'data-wait share':>16} {'views share':>12} "
+        f"{'peak memory':>26} {'loss':>16}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
         losses = f"{r.first_loss:.3f}->{r.last_loss:.3f}"
         print(
             f"{r.implementation:<14} {r.iterations_per_second:>8.3f} {r.seconds_per_iteration:>8.3f} "
-            f"{r.data_wait_share:>15.1%} {_memory_text(r):>26} {losses:>16}"
+            f"{r.data_wait_share:>15.1%} {r.view_share:>11.1%} {_memory_text(r):>26} {losses:>16}"
         )
     print(f"peak memory: {results[0].memory_kind} during the run (in brackets: its growth over the level before it)")
+    print(
+        "data-wait share: time waiting for the loader's next batch; views share: time making the views inside the "
+        "step (view_path batched); the step waits for data for their sum"
+    )
 
 
 def main() -> None:
@@ -342,6 +386,7 @@ def main() -> None:
     files = " + ".join(f.name for f in CONFIG_FILES[args.config])
     print(f"device {device} ({name}); torch {torch.__version__}; config {args.config} ({files})")
     print(
+        f"view_path {parser.get_parsed_content('view_path')}, "
         f"patch {parser.get_parsed_content('patch_size')}, batch {parser.get_parsed_content('batch_size')}, "
         f"encoder {parser.get_parsed_content('encoder_features')}, amp {parser.get_parsed_content('amp')}, "
         f"{args.num_workers} workers; data {args.dataset_dir} ({len(datalist['training'])} training subjects)"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ast
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["bundle_root", "repeat_to_length"]
+
+logger = logging.getLogger(__name__)
 
 
 def _config_files_from_argv(argv: Sequence[str]) -> list[str]:
@@ -71,20 +74,20 @@ def resolve_encoder(spec: str | None, default_bundle: str | Path) -> str | None:
     from custom.errors import InputError
 
     if spec is None or str(spec).lower() == RANDOM_ENCODER:
-        print("encoder: randomly initialised (the no-pretraining control)")
+        logger.info("encoder: randomly initialised (the no-pretraining control)")
         return None
     if str(spec).lower() == AUTO_ENCODER:
         weights = Path(default_bundle) / "models" / "model.pt"
         if weights.is_file():
-            print(f"encoder: pretrained weights from {weights}")
+            logger.info("encoder: pretrained weights from %s", weights)
             return str(weights)
-        print(
-            f"WARNING: no pretrained encoder at {weights}; using a RANDOMLY INITIALISED encoder. Train "
-            "bundles/seqinv_pretrain first or pass --pretrained_encoder <model.pt | bundle folder | random>."
-        )
+        logger.warning(
+            "no pretrained encoder at %s; using a RANDOMLY INITIALISED encoder. Train bundles/seqinv_pretrain "
+            "first or pass --pretrained_encoder <model.pt | bundle folder | random>.", weights,
+        )  # fmt: skip
         return None
     path = Path(str(spec))
     if not path.exists():
         raise InputError(f"--pretrained_encoder {path}: no such file or bundle folder")
-    print(f"encoder: pretrained weights from {path}")
+    logger.info("encoder: pretrained weights from %s", path)
     return str(path)

@@ -7,11 +7,14 @@ Commands:
         [--encoders "{'base': 'base/model.pt'}"] [--output_dir out/probe]   (linear probe + baselines)
     seqinv invariance --retrieval_only --weights ... --features "[8,16,32,64,96]" --split all   (retrieval alone)
     seqinv check bundles/ixi_tissue_seg                       (metadata against the bundle specification)
+    seqinv configs [--write]          (downstream train.yaml files against bundles/_shared/downstream_train.yaml)
     seqinv package bundles/ixi_tissue_seg --out dist/         (deterministic zip + dist/model_info.json)
     seqinv verify X/ixi_tissue_seg.zip --model_info dist/model_info.json
     seqinv fetch --name ixi_tissue_seg --url file:///.../ixi_tissue_seg_v0.1.0.zip --bundle_dir X \
         --model_info dist/model_info.json                     (download, check sha256, install with MONAI)
     seqinv import-encoder midl-2025-seq-inv.pt --out model.pt (the authors' released encoder -> our encoder weights)
+    seqinv experiment --grid grid.yaml --out runs/experiment [--preset cpu|paper] [--dry_run]
+                                                              (encoder x task x fraction x contrast x seed grid)
 """
 
 from __future__ import annotations
@@ -220,8 +223,27 @@ class Commands:
         if not bundles:
             raise CommandError("give one or more bundle folders, e.g. seqinv check bundles/*")
         for bundle in bundles:
+            if Path(bundle).name.startswith("_"):  # bundles/_shared: config sources, not a bundle
+                continue
             metadata = validate_metadata(bundle)
             print(f"{bundle}: metadata OK ({metadata['name']} {metadata['version']})")
+
+    def configs(self, write: bool = False, root: str = ".") -> None:
+        """Check (or with ``--write`` rewrite) the shared part of the downstream bundles' ``train.yaml`` files.
+
+        Its one source is ``bundles/_shared/downstream_train.yaml``; each downstream ``train.yaml`` holds a copy
+        after its own head, so a packaged bundle stays self-contained. Exit code 1 when a copy is stale.
+        """
+        from custom.config_sync import SHARED_TRAIN, sync_configs
+
+        stale = sync_configs(root, write=bool(write))
+        for path in stale:
+            print(f"{path}: {'rewritten from' if write else 'differs from'} {SHARED_TRAIN}")
+        if stale and not write:
+            print("run `seqinv configs --write` to update them", file=sys.stderr)
+            raise SystemExit(1)
+        if not stale:
+            print(f"downstream train.yaml files match {SHARED_TRAIN}")
 
     def package(
         self, bundle: str, out: str = "dist", weights_url: str | None = None, allow_missing_weights: bool = False
@@ -278,6 +300,33 @@ class Commands:
 
         folder = fetch_bundle(name, url, bundle_dir, model_info, version=version)
         print(f"installed {folder}; run e.g. python -m monai.bundle run --config_file {folder}/configs/inference.yaml")
+
+    def experiment(
+        self,
+        grid: str | None = None,
+        out: str = "runs/experiment",
+        preset: str | None = None,
+        dry_run: bool = False,
+        jobs: int | None = None,
+    ) -> None:
+        """Train and evaluate every cell of an experiment grid (README, "Experiments"); resumable.
+
+        Each cell is one ``python -m monai.bundle run training`` and one ``run evaluating`` of a downstream bundle
+        in ``<out>/cells/<cell>/`` (log: ``log.txt``); finished cells are skipped. Writes ``<out>/grid.yaml`` (the
+        resolved grid), ``results.csv``, ``tables.md`` and ``figure.png``. Exit code 1 when a cell failed.
+
+        Args:
+            grid: grid YAML file (encoders, tasks, fractions, contrasts, seeds, overrides).
+            out: output folder.
+            preset: ``cpu`` or ``paper``; with ``--grid`` the file's keys override the preset's.
+            dry_run: list the cells and write ``grid.yaml`` without running anything.
+            jobs: cells run at once, each with (CPU cores / jobs) threads; default: the grid's ``jobs`` (1).
+        """
+        from custom.experiment import run_experiment
+
+        result = run_experiment(grid=grid, out=out, preset=preset, dry_run=bool(dry_run), jobs=jobs)
+        if result.failed:
+            raise SystemExit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

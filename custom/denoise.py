@@ -1,4 +1,5 @@
-"""Denoising task of the paper (Sec. 4.1, Table 3): noise model, training transforms and PSNR evaluation.
+"""Denoising task of the paper (Sec. 4.1, Table 3): noise model (``AddNoised``, used by the bundle's transforms) and
+PSNR evaluation.
 
 Images are z-scored (zero mean, unit standard deviation over the nonzero voxels or a brain mask), Gaussian noise
 of standard deviation ``sigma`` (0.2 by default) is added on the fly, and the network predicts the noise; the
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Compose, MapTransform, RandomizableTransform, RandSpatialCropd, SpatialPadd
+from monai.transforms import MapTransform, RandomizableTransform
 from tqdm.auto import tqdm
 
 from custom.errors import InputError
@@ -24,11 +25,17 @@ from custom.metrics import PSNR_CAPTION, ResultsTable, psnr, ssim
 from custom.physics import rician_noise
 from custom.segmentation import DownstreamSettings, build_preprocessing
 
-__all__ = ["AddNoised", "denoise_train_transforms", "evaluate_denoising", "NOISE_TYPES"]
+__all__ = ["AddNoised", "combine_denoising_tables", "denoising_caption", "evaluate_denoising", "NOISE_TYPES"]
 
 logger = logging.getLogger(__name__)
 
 NOISE_TYPES = ("gaussian", "rician")
+TABLE_METRICS = ("psnr_noisy", "psnr_denoised", "psnr_gain", "ssim_noisy", "ssim_denoised")
+
+
+def denoising_caption(caption: str, noise_type: str, sigma: float, seed: int) -> str:
+    """``caption`` followed by the noise settings and the definition of L in PSNR (the tables' caption)."""
+    return f"{caption} Noise: {noise_type}, sigma {sigma} on z-scored images, seed {seed}. {PSNR_CAPTION}".strip()
 
 
 def _add_noise(image: torch.Tensor, sigma: float, noise_type: str, generator: torch.Generator) -> torch.Tensor:
@@ -80,19 +87,6 @@ class AddNoised(MapTransform, RandomizableTransform):
         d[self.noisy_key] = noisy
         d[self.noise_key] = noisy - clean
         return d
-
-
-def denoise_train_transforms(settings: DownstreamSettings, sigma: float = 0.2, noise_type: str = "gaussian") -> Compose:
-    """Load, z-score and resample (:func:`build_preprocessing`), crop a random patch, add noise."""
-    size = tuple(int(s) for s in settings.patch_size)
-    return Compose(
-        [
-            build_preprocessing(settings),
-            SpatialPadd("image", spatial_size=size),
-            RandSpatialCropd("image", roi_size=size, random_size=False),
-            AddNoised("image", sigma=sigma, noise_type=noise_type),
-        ]
-    )
 
 
 def _subject_generator(seed: int, name: str) -> torch.Generator:
@@ -154,13 +148,10 @@ def evaluate_denoising(
     table = ResultsTable(rows)
     out = Path(output_dir)
     table.to_csv(out / "metrics.csv")
-    full_caption = (
-        f"{caption} Noise: {noise_type}, sigma {sigma} on z-scored images, seed {seed}. {PSNR_CAPTION}".strip()
-    )
     markdown = table.to_markdown(
         group_by=("site", "contrast"),
-        metrics=["psnr_noisy", "psnr_denoised", "psnr_gain", "ssim_noisy", "ssim_denoised"],
-        caption=full_caption,
+        metrics=list(TABLE_METRICS),
+        caption=denoising_caption(caption, noise_type, sigma, seed),
         row_order=["GST", "HH", "IOP"],
         fmt="{:.2f}",
     )
@@ -168,6 +159,22 @@ def evaluate_denoising(
     print(markdown)  # the result table itself goes to stdout; diagnostics go to logging
     logger.info("per-subject metrics: %s; table: %s", out / "metrics.csv", out / "metrics.md")
     return table
+
+
+def combine_denoising_tables(
+    runs_dir: str | Path, caption: str = "", sigma: float = 0.2, noise_type: str = "gaussian", seed: int = 0
+) -> str | None:
+    """Merge every evaluation run's table (``runs_dir/eval_*/metrics.csv``, e.g. one per contrast) into
+    ``runs_dir/table.md``, with the caption :func:`evaluate_denoising` writes; None when there is no run yet."""
+    from custom.evaluation import combine_tables
+
+    runs = Path(runs_dir)
+    return combine_tables(
+        sorted(runs.glob("eval_*/metrics.csv")),
+        runs / "table.md",
+        list(TABLE_METRICS),
+        caption=denoising_caption(caption, noise_type, sigma, seed),
+    )
 
 
 def noise_summary(values: Sequence[float]) -> str:

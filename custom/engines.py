@@ -14,7 +14,7 @@ indicator).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +39,10 @@ class PretrainingTrainer(SupervisedTrainer):
         view_keys: batch keys of the two augmented views.
         target_keys: batch keys of their clean reconstruction targets.
         grad_clip: max global gradient norm over all parameters (None or 0: no clipping).
+        batch_views: optional call ``batch_views(batch, device=...) -> batch`` run on every batch before the step
+            (outside autocast), e.g. :class:`custom.transforms.batched.BatchedContrastiveViews`, which makes the
+            two views of every subject on the training device from the regions the loader cut (the bundle's
+            ``view_path: batched``). ``None``: the batch already holds the views.
 
     ``network`` must return a dict with ``z`` (projected embeddings) and ``recon`` (reconstruction or None);
     ``loss_function`` is a :class:`custom.losses.PretrainingLoss`.
@@ -50,6 +54,7 @@ class PretrainingTrainer(SupervisedTrainer):
         view_keys: Sequence[str] = ("image1", "image2"),
         target_keys: Sequence[str] = ("image1_recon", "image2_recon"),
         grad_clip: float | None = 12.0,
+        batch_views: Callable[..., dict] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("decollate", False)
@@ -57,6 +62,7 @@ class PretrainingTrainer(SupervisedTrainer):
         self.view_keys = tuple(view_keys)
         self.target_keys = tuple(target_keys)
         self.grad_clip = grad_clip
+        self.batch_views = batch_views
 
     def _to_device(self, batch: dict, key: str) -> torch.Tensor:
         if key not in batch:
@@ -68,6 +74,8 @@ class PretrainingTrainer(SupervisedTrainer):
     def _iteration(self, engine: PretrainingTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
+        if engine.batch_views is not None:
+            batchdata = engine.batch_views(batchdata, device=engine.state.device)
         view1, view2 = (engine._to_device(batchdata, k) for k in engine.view_keys)
         target1, target2 = (engine._to_device(batchdata, k) for k in engine.target_keys)
         batch_size = view1.shape[0]

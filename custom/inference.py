@@ -1,5 +1,8 @@
 """Inference on a user's own NIfTI scans, with every output written on the input's own voxel grid.
 
+(About 590 lines, kept in one module on purpose: the input checks, the predictor engine and the writer that
+restores the input grid form one path that every bundle's inference.yaml uses together.)
+
 Shared by every bundle's ``inference.yaml`` (tissues, lesions, denoising; the pretraining bundle's feature
 extraction, :mod:`custom.features`). Each builds a :class:`NiftiPredictor` (the bundle's ``evaluator``, an ignite
 engine) from its top-level ``network`` (``network_def`` on the device), ``handlers`` (a strict MONAI

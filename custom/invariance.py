@@ -1,5 +1,8 @@
 """Sequence-invariance of an encoder, measured without labels (the paper's central claim).
 
+(About 520 lines, kept in one module on purpose: the protocol panel, the crops, the retrieval metric and its
+runner are one measurement whose pieces are only used together; :mod:`custom.probe` imports the metric.)
+
 Every subject of a qMRI data set is imaged with the *same* panel of ``K`` simulated protocols
 (:func:`sequence_panel`: FSE, GRE, FLAIR, MPRAGE, FSE, ... with parameters fixed by a seed). Each image is
 embedded by the encoder (global-average-pooled deepest feature map, :func:`embed_volume`). An encoder whose

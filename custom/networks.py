@@ -1,5 +1,8 @@
 """Networks of the paper (Appendix B): encoder, projector, reconstructor, and the frozen-encoder U-Net.
 
+(About 560 lines, kept in one module on purpose: the five networks share the conv-unit builder and the encoder's
+level layout, and the weight files that map onto them live apart, in :mod:`custom.weights`.)
+
 Every network here is built from MONAI blocks:
 
 * ``monai.networks.blocks.Convolution`` for each conv -> InstanceNorm -> GELU -> dropout unit, and (with

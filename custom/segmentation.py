@@ -17,18 +17,7 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from monai.transforms import (
-    Compose,
-    RandAdjustContrastd,
-    RandAffined,
-    RandCropByPosNegLabeld,
-    RandGaussianNoised,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-    RandSpatialCropd,
-    ResampleToMatchd,
-    SpatialPadd,
-)
+from monai.transforms import Compose, ResampleToMatchd
 
 from custom.errors import InputError
 from custom.fast_inference import FastSlidingWindowInferer
@@ -42,7 +31,6 @@ __all__ = [
     "build_network",
     "build_inferer",
     "build_preprocessing",
-    "train_transforms",
     "load_settings",
     "load_trained",
     "BestModelExport",
@@ -160,62 +148,6 @@ def build_inferer(
         whole_volume=whole_volume,
         size_divisor=2 ** (len(tuple(settings.encoder_features)) - 1),
     )
-
-
-def train_transforms(
-    settings: DownstreamSettings,
-    label_key: str | None = "label",
-    samples_per_image: int = 2,
-    pos_fraction: float = 0.5,
-    rotate_deg: float = 15.0,
-    scale: float = 0.1,
-    labels_to_image_grid: bool = False,
-) -> Compose:
-    """Preprocessing + patch sampling + affine and intensity augmentation for training.
-
-    Patches of ``settings.patch_size`` are drawn ``samples_per_image`` times per image; with a label, a share
-    ``pos_fraction`` of them is centred on foreground (label > 0) voxels. Affine: rotation up to ``rotate_deg``
-    degrees per axis and scaling up to ``scale``; intensity: scale/shift, gamma, Gaussian noise.
-    """
-    label_keys = (label_key,) if label_key else ()
-    keys = ("image", *label_keys)
-    size = tuple(int(s) for s in settings.patch_size)
-    steps: list[Any] = [
-        build_preprocessing(settings, label_keys, labels_to_image_grid),
-        SpatialPadd(keys, spatial_size=size),
-    ]
-    if label_key:
-        ratio_pos = max(pos_fraction, 1e-3)
-        steps.append(
-            RandCropByPosNegLabeld(
-                keys,
-                label_key=label_key,
-                spatial_size=size,
-                pos=ratio_pos,
-                neg=max(1.0 - pos_fraction, 1e-3),
-                num_samples=samples_per_image,
-                image_key="image",
-                image_threshold=-1e9,
-            )
-        )
-    else:
-        steps.append(RandSpatialCropd(keys, roi_size=size, random_size=False))
-    rad = float(torch.pi) * rotate_deg / 180.0
-    steps += [
-        RandAffined(
-            keys,
-            prob=0.5,
-            rotate_range=(rad, rad, rad),
-            scale_range=(scale, scale, scale),
-            mode=("bilinear", *("nearest" for _ in label_keys)),
-            padding_mode="zeros",
-        ),
-        RandScaleIntensityd("image", factors=0.1, prob=0.5),
-        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
-        RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
-        RandGaussianNoised("image", std=0.05, prob=0.2),
-    ]
-    return Compose(steps)
 
 
 def settings_path(weights: str | Path) -> Path:

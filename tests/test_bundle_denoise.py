@@ -75,3 +75,17 @@ def test_inference_restores_grid_and_intensity_scale(trained, synthetic, tmp_pat
     # intensity scale restored: same order of magnitude as the input, strongly correlated with it
     assert 0.5 < y.mean() / x.mean() < 2.0
     assert np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.8
+
+
+def test_combined_table_merges_every_evaluation_run_with_the_noise_caption(tmp_path):
+    from custom.denoise import TABLE_METRICS, combine_denoising_tables
+    from custom.metrics import PSNR_CAPTION, ResultsTable
+
+    assert combine_denoising_tables(tmp_path, "Denoising.") is None  # no run yet
+    for contrast, value in (("T1", 30.0), ("T2", 28.0)):
+        row = {"subject": f"s{contrast}", "site": "GST", "contrast": contrast, **dict.fromkeys(TABLE_METRICS, value)}
+        ResultsTable([row]).to_csv(tmp_path / f"eval_{contrast}" / "metrics.csv")
+    markdown = combine_denoising_tables(tmp_path, "Denoising.", sigma=0.1, noise_type="rician", seed=3)
+    assert markdown.strip() == (tmp_path / "table.md").read_text().strip()
+    assert "Denoising. Noise: rician, sigma 0.1 on z-scored images, seed 3." in markdown and PSNR_CAPTION in markdown
+    assert "T1" in markdown and "T2" in markdown

@@ -253,6 +253,7 @@ def test_augment_key_reaches_the_views_paper_by_default_light_on_cpu_small():
         parser = ConfigParser()
         parser.read_config(files)
         parser["bundle_root"] = str(BUNDLE)
+        parser["view_path"] = "per_sample"  # the default on a GPU is batched (tests/test_batched_views.py)
         transforms = parser.get_parsed_content("train#preprocessing").transforms
         return next(t for t in transforms if isinstance(t, ContrastiveViewsd))
 

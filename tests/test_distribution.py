@@ -527,11 +527,9 @@ def _run_without_repo(cwd: Path, *args: str, timeout: int = 600) -> subprocess.C
 
 
 @pytest.fixture(scope="module")
-def downloaded(tmp_path_factory):
+def downloaded(tmp_path_factory, synthetic_dataset):
     """Every bundle packaged with `seqinv package` (TINY random weights) and unpacked into one folder, tiny
     synthetic data, a scan, and a working directory that is neither the repository nor a bundle."""
-    from bundle_utils import make_synthetic
-
     root = tmp_path_factory.mktemp("zoo")
     for name in BUNDLES:
         bundle = _copy_bundle(name, root / "src")
@@ -542,7 +540,7 @@ def downloaded(tmp_path_factory):
     work.mkdir()
     return {
         "models": root / "models",
-        "data": make_synthetic(tmp_path_factory, "zoo_data", subjects=9),
+        "data": synthetic_dataset(subjects=9),  # session-wide, read only
         "scan": _write_scan(root / "scan.nii.gz"),
         "work": work,
     }

@@ -309,14 +309,16 @@ def arc_datalist(
     require_labels: bool = True,
     output_json: str | Path | None = None,
     synthesize_if_missing: bool | None = None,
+    train_subjects: int | None = None,
 ) -> dict[str, object]:
     """Build the paper's ARC lesion-segmentation datalist for one contrast.
 
-    Returns ``{"training", "validation", "test", "fractions", "fraction", "contrast", "seed"}``: ``training``
-    holds the images of the training subjects of ``fraction`` (a nested subset), ``validation`` and ``test``
-    those of the validation and test subjects. Items are ``{"image", "label", "subject", "session",
-    "contrast"}``, sorted by subject and session. ``fractions`` gives the number of training SUBJECTS of each of
-    :data:`FRACTIONS` (and of ``fraction``). Splits count subjects, and all images of a subject are in its split.
+    Returns ``{"training", "validation", "test", "fractions", "fraction", "contrast", "seed"}`` (and
+    ``"train_subjects"`` when given): ``training`` holds the images of the training subjects of ``fraction`` (a
+    nested subset), ``validation`` and ``test`` those of the validation and test subjects. Items are ``{"image",
+    "label", "subject", "session", "contrast"}``, sorted by subject and session. ``fractions`` gives the number of
+    training SUBJECTS of each of :data:`FRACTIONS` (and of ``fraction``). Splits count subjects, and all images of a
+    subject are in its split.
 
     Args:
         dataset_dir: ARC BIDS folder (``sub-*/[ses-*/]anat/*_{contrast}.nii.gz``, masks under ``derivatives/``).
@@ -335,6 +337,8 @@ def arc_datalist(
         synthesize_if_missing: create the synthetic data set when ``dataset_dir`` is missing or empty. ``None``
             (default) does so only for the embedded default location ``data/synthetic/arc``; a folder you name
             yourself that is missing is an error, never silently replaced by synthetic data.
+        train_subjects: a number of training subjects (e.g. 1) instead of ``fraction`` (see
+            :func:`custom.data.ixi.training_subset`); ``None`` uses ``fraction``.
 
     Raises:
         ARCDatasetError: missing folder or images, no lesion mask at all (with ``require_labels``), a bad
@@ -380,7 +384,7 @@ def arc_datalist(
         by_subject.setdefault(item["subject"], []).append(item)
     split = split_subjects(by_subject, contrast, seed)
     train_all = split["training"]
-    chosen = set(training_subset(train_all, fraction))
+    chosen = set(training_subset(train_all, fraction, train_subjects))
 
     def images(subjects: Iterable[str]) -> list[dict[str, str]]:
         return [item for subject in sorted(subjects) for item in by_subject[subject]]
@@ -403,8 +407,11 @@ def arc_datalist(
         "contrast": contrast,
         "seed": int(seed),
     }
+    if train_subjects is not None:
+        datalist["train_subjects"] = int(train_subjects)
     logger.info(
-        f"ARC {contrast} datalist from {root}: {len(chosen)} training subjects (fraction {fraction} of "
+        f"ARC {contrast} datalist from {root}: {len(chosen)} training subjects "
+        f"({'fraction ' + str(fraction) if train_subjects is None else f'train_subjects {train_subjects}'} of "
         f"{len(train_all)}; {len(training)} images), {len(split['validation'])} validation and "
         f"{len(split['test'])} test subjects ({len(validation)} and {len(test)} images)"
     )

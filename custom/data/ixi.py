@@ -253,8 +253,26 @@ def _check_fraction(fraction: float) -> float:
     return value
 
 
-def training_subset(training: list[str], fraction: float) -> list[str]:
-    """The first :func:`subset_size` subjects of the (already permuted) training order: nested across fractions."""
+def _check_subjects(subjects: int, available: int) -> int:
+    try:
+        value = int(subjects)
+    except (TypeError, ValueError):
+        raise IXIDatasetError(f"train_subjects must be a whole number >= 1, got {subjects!r}") from None
+    if value != float(subjects) or value < 1:
+        raise IXIDatasetError(f"train_subjects must be a whole number >= 1, got {subjects!r}")
+    if value > available:
+        raise IXIDatasetError(f"train_subjects {value} is more than the {available} training subject(s) available")
+    return value
+
+
+def training_subset(training: list[str], fraction: float, subjects: int | None = None) -> list[str]:
+    """The first :func:`subset_size` subjects of the (already permuted) training order: nested across fractions.
+
+    ``subjects`` (a number of subjects, e.g. 1) replaces ``fraction`` when given: the first ``subjects`` of the same
+    order, so nested with the fractions too; more than there are is an error.
+    """
+    if subjects is not None:
+        return training[: _check_subjects(subjects, len(training))]
     return training[: subset_size(_check_fraction(fraction), len(training))]
 
 
@@ -274,6 +292,19 @@ def _ensure_synthetic(root: Path, seed: int) -> None:
     generate_dataset(root.parent, subjects=subjects, seed=seed, resolution=2.0, preview=False, progress=True)
 
 
+def _cap_per_site(items: list[dict[str, str]], limit: int) -> list[dict[str, str]]:
+    """The first ``limit`` items of each site, in their order."""
+    if limit < 1:
+        raise IXIDatasetError(f"test_subjects_per_site must be >= 1 (or null for all), got {limit}")
+    seen: dict[str, int] = {}
+    kept = []
+    for item in items:
+        seen[item["site"]] = seen.get(item["site"], 0) + 1
+        if seen[item["site"]] <= limit:
+            kept.append(item)
+    return kept
+
+
 def ixi_datalist(
     dataset_dir: str | Path,
     contrast: str = "T1",
@@ -284,15 +315,17 @@ def ixi_datalist(
     require_labels: bool = True,
     output_json: str | Path | None = None,
     synthesize_if_missing: bool | None = None,
+    train_subjects: int | None = None,
+    test_subjects_per_site: int | None = None,
 ) -> dict[str, object]:
     """Build the paper's IXI datalist for one contrast.
 
-    Returns ``{"training", "validation", "test", "fractions", "fraction", "contrast", "seed"}``: ``training`` holds
-    the GST training subjects of ``fraction`` (a nested subset), ``validation`` the GST validation subjects,
-    ``test`` the GST test subjects followed by every HH and IOP subject. Items are ``{"image", "label", "subject",
-    "site", "contrast"}``. ``fractions`` gives the training-set size of each of :data:`FRACTIONS` (and of
-    ``fraction``). The split is made on the GST subjects of every contrast folder present, so the T1, T2 and PD
-    datalists of one folder and seed put each subject in the same split.
+    Returns ``{"training", "validation", "test", "fractions", "fraction", "contrast", "seed"}`` (and
+    ``"train_subjects"`` when given): ``training`` holds the GST training subjects of ``fraction`` (a nested
+    subset), ``validation`` the GST validation subjects, ``test`` the GST test subjects followed by every HH and IOP
+    subject. Items are ``{"image", "label", "subject", "site", "contrast"}``. ``fractions`` gives the training-set
+    size of each of :data:`FRACTIONS` (and of ``fraction``). The split is made on the GST subjects of every contrast
+    folder present, so the T1, T2 and PD datalists of one folder and seed put each subject in the same split.
 
     Args:
         dataset_dir: IXI folder holding ``IXI-T1/``, ``IXI-T2/``, ``IXI-PD/`` (or the images themselves).
@@ -309,6 +342,10 @@ def ixi_datalist(
         synthesize_if_missing: create the synthetic data set when ``dataset_dir`` is missing or empty. ``None``
             (default) does so only for the embedded default location ``data/synthetic/ixi``; a folder you name
             yourself that is missing is an error, never silently replaced by synthetic data.
+        train_subjects: a number of training subjects (e.g. 1) instead of ``fraction`` (see
+            :func:`training_subset`); ``None`` uses ``fraction``.
+        test_subjects_per_site: keep at most this many test subjects of each site (GST in the split's order,
+            HH / IOP the first by name), to make evaluation cheaper in experiment grids; ``None`` keeps them all.
 
     Raises:
         IXIDatasetError: missing folder or images, a missing training/validation label, a bad fraction, contrast
@@ -336,7 +373,7 @@ def ixi_datalist(
     val = [by_subject[s] for s in split["validation"] if s in by_subject]
     test_gst = [by_subject[s] for s in split["test"] if s in by_subject]
     ood = sorted((i for i in items if i["site"] != IN_DOMAIN_SITE), key=lambda i: (i["site"], i["subject"]))
-    training = [by_subject[s] for s in sorted(training_subset(train_all, fraction))]
+    training = [by_subject[s] for s in sorted(training_subset(train_all, fraction, train_subjects))]
 
     if require_labels:
         for item in [*training, *val]:
@@ -347,6 +384,11 @@ def ixi_datalist(
                     f"(labels_dir={labels}, label_pattern={label_pattern!r}); pass labels_dir/label_pattern "
                     f"matching your label files, or require_labels=False"
                 )
+    if test_subjects_per_site is not None:
+        test_gst, ood = (
+            _cap_per_site(test_gst, int(test_subjects_per_site)),
+            _cap_per_site(ood, int(test_subjects_per_site)),
+        )
     test = [*test_gst, *ood]
     unlabelled = [i["subject"] for i in test if "label" not in i]
     if unlabelled:
@@ -367,8 +409,11 @@ def ixi_datalist(
         "contrast": contrast,
         "seed": int(seed),
     }
+    if train_subjects is not None:
+        datalist["train_subjects"] = int(train_subjects)
+    chosen_by = f"fraction {fraction}" if train_subjects is None else f"train_subjects {train_subjects}"
     logger.info(
-        f"IXI {contrast} datalist from {root}: {len(training)} training (fraction {fraction} of {len(train_all)}), "
+        f"IXI {contrast} datalist from {root}: {len(training)} training ({chosen_by} of {len(train_all)}), "
         f"{len(val)} validation, {len(test_gst)} GST + {len(ood)} HH/IOP test subjects"
     )
     if output_json is not None:

@@ -15,6 +15,11 @@ pipeline whose inputs were moved to the GPU (``EnsureTyped(device="cuda")``) run
 * :mod:`custom.transforms.views` - :class:`ContrastiveViewsd`: the two augmented views and their clean
   reconstruction targets for the three pretraining strategies of the paper (Sec. 3.1 and 4.1): ``base``
   (MPRAGE), ``seqaug`` (one sequence, two augmentations) and ``seqinv`` (two different sequence types).
+* :mod:`custom.transforms.batched` - the batched view path: :class:`PrepareViewSourced` and
+  :class:`RandViewRegiond` (loader workers: cached clipped maps, the shared region), :class:`BatchedContrastiveViews`
+  (one call per batch makes every view with batched torch operations on the training device; helpers in
+  :mod:`custom.transforms.batched_augment` and :mod:`custom.transforms.batched_protocols`), and
+  :class:`ContrastiveViewStage`, which builds the per-sample or a batched path from one set of settings.
 * :mod:`custom.fields` (outside this package) - the smooth fields and statistics they share:
   :func:`~custom.fields.polynomial_log_field`, :func:`~custom.fields.region_percentile` (alias ``robust_max``).
 
@@ -40,6 +45,14 @@ from custom.transforms.augmentations import (
     crop_margins,
     mri_augmentations,
 )
+from custom.transforms.batched import (
+    VIEW_PATHS,
+    BatchedContrastiveViews,
+    BatchedViewsCollate,
+    ContrastiveViewStage,
+    PrepareViewSourced,
+    RandViewRegiond,
+)
 from custom.transforms.records import PARAM_NAMES, sample_from_record, sequence_record
 from custom.transforms.simulation import MAP_KEYS, QMRIMaps, RandSimulateSequenced
 from custom.transforms.views import ContrastiveViewsd
@@ -55,6 +68,12 @@ __all__ = [
     "robust_max",
     "RandSimulateSequenced",
     "ContrastiveViewsd",
+    "VIEW_PATHS",
+    "PrepareViewSourced",
+    "RandViewRegiond",
+    "BatchedContrastiveViews",
+    "BatchedViewsCollate",
+    "ContrastiveViewStage",
     "RandBiasFieldTorchd",
     "RandRicianNoiseTorchd",
     "RandCuboidDropoutd",
