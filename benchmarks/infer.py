@@ -54,10 +54,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 from simulate import median_seconds  # same timing rule as the simulation benchmark (run as a script from benchmarks/)
 
-from custom.fast_inference import inference_copy, window_count
+from custom.fast_inference import bf16_supported, inference_copy, window_count
 from custom.inference import NiftiPredictor, validate_nifti
 from custom.segmentation import DownstreamSettings, build_inferer, build_network, build_preprocessing, load_trained
 
@@ -167,29 +168,36 @@ class Variant:
 
 
 FAST = {"precision": "bf16", "channels_last": True}
+CROP = {**FAST, "crop_foreground": True}
 VARIANTS: dict[str, Variant] = {
-    "current": Variant("build_inferer defaults: fp32, overlap 0.25, gaussian, sw_batch_size 4 (reference)", {}),
-    "monai_default": Variant("sliding_window_inference defaults: fp32, overlap 0.25, constant, sw_batch_size 1", None),
-    "fp32_cl": Variant("fp32, channels-last copy (group-norm instance norm)", {"channels_last": True}),
-    "bf16_autocast": Variant("current path under torch.autocast(cpu, bfloat16)", {}, autocast=True),
+    "current": Variant(
+        "build_inferer defaults, as every config without cpu_fast: fp32, overlap 0.25, gaussian, "
+        "sw_batch_size 4 (the reference of the agreement)",
+        {},
+    ),
+    "monai_default": Variant(
+        "monai.inferers.sliding_window_inference defaults: fp32, overlap 0.25, constant "
+        "blending, sw_batch_size 1 (the reference of the speed-up)",
+        None,
+    ),
+    "fp32_cl": Variant("fp32, channels-last copy (instance norm as group norm)", {"channels_last": True}),
+    "bf16_autocast": Variant("current under torch.autocast('cpu', bfloat16)", {}, autocast=True),
     "bf16": Variant("bfloat16 copy of the network", {"precision": "bf16"}),
-    "bf16_cl": Variant("bfloat16 channels-last copy", dict(FAST)),
-    "bf16_cl_sw1": Variant("bf16_cl, sw_batch_size 1", {**FAST, "sw_batch_size": 1}),
-    "fp32_crop": Variant("fp32, foreground crop (margin 4)", {"crop_foreground": True}),
-    "bf16_cl_crop": Variant("bf16_cl + foreground crop (margin 4)", {**FAST, "crop_foreground": True}),
-    "bf16_cl_crop_ov0": Variant(
-        "bf16_cl + crop + overlap 0 (fewest windows)", {**FAST, "crop_foreground": True, "overlap": 0.0}
+    "bf16_cl": Variant("bfloat16 channels-last copy, the same 27-style window grid as current", dict(FAST)),
+    "cpu_fast": Variant(
+        "what the inference configs' cpu_fast: true builds (custom.fast_inference.CPU_FAST)", {"cpu_fast": True}
     ),
+    "fp32_crop": Variant("fp32, foreground crop (margin 4): the crop's own effect", {"crop_foreground": True}),
+    "bf16_cl_crop": Variant("bf16_cl + foreground crop (margin 4)", dict(CROP)),
+    "bf16_cl_crop_m16": Variant("bf16_cl + foreground crop, margin 16", {**CROP, "crop_margin": 16}),
+    "bf16_cl_crop_ov0": Variant("bf16_cl + crop + overlap 0 (fewest windows)", {**CROP, "overlap": 0.0}),
     "bf16_cl_crop_m16_ov0": Variant(
-        "bf16_cl + crop margin 16 + overlap 0",
-        {**FAST, "crop_foreground": True, "crop_margin": 16, "overlap": 0.0},
+        "bf16_cl + crop margin 16 + overlap 0", {**CROP, "crop_margin": 16, "overlap": 0.0}
     ),
-    "bf16_cl_crop_whole": Variant(
-        "bf16_cl + crop + one whole-volume pass", {**FAST, "crop_foreground": True, "whole_volume": True}
-    ),
+    "bf16_cl_crop_whole": Variant("bf16_cl + crop + one whole-volume pass", {**CROP, "whole_volume": True}),
     "fp32_crop_whole": Variant("fp32 + crop + one whole-volume pass", {"crop_foreground": True, "whole_volume": True}),
 }
-#: ``--variants`` with no names: the reference, MONAI's default and the fast candidates.
+#: ``--variants`` with no names: the two references and the fast candidates.
 DEFAULT_VARIANTS: tuple[str, ...] = (
     "current",
     "monai_default",
@@ -253,14 +261,120 @@ def label_agreement(labels: np.ndarray, reference: np.ndarray) -> tuple[float, f
     return float(same.mean()), fg
 
 
+def grid_windows(x: torch.Tensor, roi: tuple[int, ...], overlap: float) -> list[torch.Tensor]:
+    """The windows MONAI's sliding window cuts from ``x`` ``(1, C, *S)``: same padding (constant 0, split as MONAI
+    splits it) and scan order (``dense_patch_slices``)."""
+    spatial = [int(s) for s in x.shape[2:]]
+    pad: list[int] = []
+    for s, r in zip(reversed(spatial), reversed(roi), strict=True):
+        extra = max(r - s, 0)
+        pad += [extra // 2, extra - extra // 2]
+    padded = torch.nn.functional.pad(x, pad) if any(pad) else x
+    shape = [int(s) for s in padded.shape[2:]]
+    interval = [r if s == r else max(int(r * (1 - overlap)), 1) for s, r in zip(shape, roi, strict=True)]
+    return [padded[(slice(None), slice(None), *w)] for w in dense_patch_slices(shape, list(roi), interval)]
+
+
+def monai_extrapolated(
+    network: torch.nn.Module, x: torch.Tensor, roi: tuple[int, ...], timed: int, device: torch.device, amp: bool
+) -> tuple[float, int]:
+    """MONAI's default network part estimated from ``timed`` of its windows: (seconds, windows in all).
+
+    Each of the first ``timed`` windows of its scan runs alone, as ``sliding_window_inference`` with
+    ``sw_batch_size`` 1 runs it (fp32, ``no_grad``; AMP on CUDA when ``amp``); the median seconds per window times
+    the number of windows is the estimate (its blending, a few voxel-wise additions, is left out).
+    """
+    windows = grid_windows(x, roi, BASE_OVERLAP)
+    seconds = []
+    with autocast_for(device, amp):
+        for window in windows[: max(timed, 1)]:
+            start = time.perf_counter()
+            network(window.to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds) * len(windows), len(windows)
+
+
+def pseudo_labels(x: torch.Tensor) -> torch.Tensor:
+    """Intensity classes of the preprocessed template ``(1, 1, *S)``: 0 outside the brain (the template's zero
+    background), and inside it 3 / 1 / 2 (CSF, GM, WM: the bundle's class order) for the dark / middle / bright
+    cluster of a 1-D k-means of the brain's intensities. A stand-in for tissue labels, not a segmentation."""
+    image = x[0, 0].float()
+    brain = image > image.min() + 0.02
+    values = image[brain]
+    centres = torch.quantile(values[:: max(values.numel() // 200_000, 1)], torch.tensor([0.1, 0.5, 0.9]))
+    for _ in range(20):
+        nearest = (values[:, None] - centres[None]).abs().argmin(1)
+        centres = torch.stack([values[nearest == k].mean() if (nearest == k).any() else centres[k] for k in range(3)])
+    order = centres.argsort()  # dark, middle, bright
+    cluster = (image[..., None] - centres).abs().argmin(-1)
+    labels = torch.zeros_like(image, dtype=torch.long)
+    for tissue, k in zip((3, 1, 2), order.tolist(), strict=True):
+        labels[brain & (cluster == k)] = tissue
+    return labels
+
+
+def fit_head(network: torch.nn.Module, x: torch.Tensor, roi: tuple[int, ...], device: torch.device) -> str:
+    """Fit the network's 1x1x1 output layer (``network.head``, 4 classes) to :func:`pseudo_labels` of ``x``.
+
+    The features are the head's inputs on two windows of the default grid (its first, at a corner, and its middle
+    one), computed in float32; a multinomial logistic regression (L-BFGS, L2 1e-3) on up to 50,000 voxels per class
+    gives the head's weights. The rest of the network keeps its random weights. Returns a description.
+    """
+    head = network.head  # type: ignore[union-attr]
+    if head.out_channels != 4:
+        raise SystemExit("--head fit needs a 4-class network (tissue segmentation)")
+    labels = pseudo_labels(x)
+    windows = grid_windows(torch.cat([x, labels[None, None].to(x.dtype)], 1), roi, OUR_OVERLAP)
+    picked = [windows[0], windows[len(windows) // 2]]
+    features: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda m, i, o: features.append(i[0].detach()))
+    try:
+        with torch.no_grad():
+            for window in picked:
+                network(window[:, :1].to(device))
+    finally:
+        hook.remove()
+    f = torch.cat([t.flatten(2)[0].T.float().cpu() for t in features])  # (voxels, channels)
+    y = torch.cat([w[0, 1].flatten().long() for w in picked])
+    gen = torch.Generator().manual_seed(0)
+    keep = torch.cat(
+        [(y == c).nonzero().flatten()[torch.randperm(int((y == c).sum()), generator=gen)[:50_000]] for c in range(4)]
+    )
+    f, y = f[keep], y[keep]
+    weight = torch.zeros(4, f.shape[1], requires_grad=True)
+    bias = torch.zeros(4, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(f @ weight.T + bias, y) + 1e-3 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        accuracy = float(((f @ weight.T + bias).argmax(1) == y).float().mean())
+        head.weight.copy_(weight.reshape(head.weight.shape).to(head.weight))
+        head.bias.copy_(bias.to(head.bias))
+    counts = torch.bincount(y, minlength=4).tolist()
+    return (
+        f"output layer FITTED (logistic regression on {len(y)} voxels of 2 default-grid windows, per class "
+        f"{counts}, training accuracy {accuracy:.3f}) to intensity pseudo-labels of the template (outside the brain: "
+        "background; inside: GM / WM / CSF by 1-D k-means); the rest random: a stand-in for trained labels"
+    )
+
+
 def run_variants(args: argparse.Namespace, device: torch.device, config: str, amp: bool) -> None:
     """End-to-end seconds (``predict_file``) and label agreement with ``current`` for each variant."""
     names = list(args.variants) or list(DEFAULT_VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-    if "current" in names:  # the reference runs first, so agreement can be computed for every other variant
-        names = ["current", *[n for n in names if n != "current"]]
+    if "current" not in names:
+        names.insert(0, "current")  # the reference of the agreement (and of pre/post for an extrapolated MONAI row)
+    names = ["current", *dict.fromkeys(n for n in names if n != "current")]
     with tempfile.TemporaryDirectory(prefix="infer_bench_") as tmp:
         folder = Path(tmp)
         path = write_template(folder)
@@ -268,8 +382,14 @@ def run_variants(args: argparse.Namespace, device: torch.device, config: str, am
         roi = tuple(int(r) for r in settings.patch_size)
         preprocessing = build_preprocessing(settings)
         x = preprocessing({"image": str(path)})["image"].as_tensor()[None]
+        if args.head == "fit":
+            start = time.perf_counter()
+            origin += f"; {fit_head(network, x, roi, device)} ({time.perf_counter() - start:.0f} s)"
         n_params = sum(p.numel() for p in network.parameters())
-        print(f"device {device}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads; amp {amp}")
+        print(
+            f"device {device}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads; amp {amp}; "
+            f"native bfloat16 (oneDNN) {bf16_supported()}"
+        )
         print(f"load average (1, 5, 15 min) at start: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
         print(f"network: {origin}; {n_params / 1e6:.2f} M parameters")
         print(
@@ -277,18 +397,25 @@ def run_variants(args: argparse.Namespace, device: torch.device, config: str, am
             f"windows {list(roi)}, pixdim {list(settings.pixdim)} mm, {settings.out_channels} classes"
         )
         print(f"volume {tuple(nib.load(str(path)).shape)} (MNI152 T1, nilearn) -> preprocessed {tuple(x.shape[2:])}")
-        print(f"each variant: {args.warmup} untimed call(s), then median of {args.repeats} timed predict_file call(s)")
+        print(
+            f"each variant: {args.warmup} untimed call(s), then median of {args.repeats} timed predict_file call(s)"
+            + (" (the first call includes making the bfloat16 / channels-last copy)" if args.warmup == 0 else "")
+        )
         rows: list[dict[str, object]] = []
         reference: np.ndarray | None = None
         for name in names:
             variant = VARIANTS[name]
+            if variant.inferer is None and args.monai_windows:
+                row = extrapolated_row(name, rows, network, x, roi, args.monai_windows, device, amp)
+                rows.append(row)
+                print_row(row, [])
+                continue
             if variant.inferer is None:
                 inferer: Callable[..., torch.Tensor] = lambda x, net: sliding_window_inference(  # noqa: E731
                     x, roi, BASE_SW_BATCH, net, overlap=BASE_OVERLAP
                 )
             else:
-                keywords = {"overlap": OUR_OVERLAP, "sw_batch_size": OUR_SW_BATCH, **variant.inferer}
-                inferer = build_inferer(settings, **keywords)  # type: ignore[arg-type]
+                inferer = build_inferer(settings, **variant.inferer)  # type: ignore[arg-type]
             timed = TimedInferer(inferer, autocast=variant.autocast)
             predictor = NiftiPredictor(
                 network=network,
@@ -313,31 +440,72 @@ def run_variants(args: argparse.Namespace, device: torch.device, config: str, am
             labels = np.asarray(nib.load(str(result["output"])).dataobj)
             if name == "current":
                 reference = labels
+                shares = np.bincount(labels.astype(np.int64).ravel(), minlength=int(settings.out_channels))
+                shares = shares / max(labels.size, 1)
+                print(
+                    f"reference labels (current): share of voxels per class {', '.join(f'{v:.3f}' for v in shares)}"
+                    + ("; random weights: labels of an untrained network" if args.head == "random" else "")
+                )
             agree = label_agreement(labels, reference) if reference is not None else (float("nan"),) * 2
             last = getattr(inferer, "last_run", {})
-            windows = last.get("windows", window_count(x.shape[2:], roi, BASE_OVERLAP))
             row = dict(
                 name=name,
-                windows=windows,
+                windows=last.get("windows", window_count(x.shape[2:], roi, BASE_OVERLAP)),
                 region=last.get("region", tuple(x.shape[2:])),
+                dtype=str(last.get("dtype", torch.float32)).replace("torch.", ""),
                 seconds=statistics.median(seconds),
-                all_seconds=seconds,
                 network=statistics.median(timed.seconds),
                 agree=agree[0],
                 agree_fg=agree[1],
                 rss=max(memory),
+                how="measured",
             )
             rows.append(row)
-            print(
-                f"  {name}: {row['seconds']:.1f} s end to end ({', '.join(f'{t:.1f}' for t in seconds)}), network "
-                f"{row['network']:.1f} s, {windows} window(s) over {row['region']}, agreement {agree[0]:.4f} "
-                f"(foreground {agree[1]:.4f})",
-                flush=True,
-            )
-    print_variant_table(rows, args)
+            print_row(row, seconds)
+            del predictor, timed, inferer
+    print_variant_table(rows)
 
 
-def print_variant_table(rows: list[dict[str, object]], args: argparse.Namespace) -> None:
+def extrapolated_row(
+    name: str,
+    rows: list[dict[str, object]],
+    network: torch.nn.Module,
+    x: torch.Tensor,
+    roi: tuple[int, ...],
+    timed: int,
+    device: torch.device,
+    amp: bool,
+) -> dict[str, object]:
+    """The ``monai_default`` row from ``timed`` windows (``--monai_windows``): its network seconds extrapolated to
+    every window, plus current's measured pre/post (the same predict_file around it); no labels, no agreement."""
+    current = rows[0]
+    network_s, windows = monai_extrapolated(network, x, roi, timed, device, amp)
+    pre_post = float(current["seconds"]) - float(current["network"])  # type: ignore[arg-type]
+    return dict(
+        name=name,
+        windows=windows,
+        region=tuple(x.shape[2:]),
+        dtype="float32",
+        seconds=network_s + pre_post,
+        network=network_s,
+        agree=float("nan"),
+        agree_fg=float("nan"),
+        rss=float("nan"),
+        how=f"EXTRAPOLATED from {min(max(timed, 1), windows)} of {windows} windows",
+    )
+
+
+def print_row(row: dict[str, object], seconds: list[float]) -> None:
+    calls = f" ({', '.join(f'{t:.1f}' for t in seconds)})" if len(seconds) > 1 else ""
+    print(
+        f"  {row['name']}: {float(row['seconds']):.1f} s end to end{calls}, network "  # type: ignore[arg-type]
+        f"{float(row['network']):.1f} s, {row['windows']} window(s) over {row['region']}, {row['dtype']}, "  # type: ignore[arg-type]
+        f"agreement {float(row['agree']):.4f} (foreground {float(row['agree_fg']):.4f}); {row['how']}",  # type: ignore[arg-type]
+        flush=True,
+    )
+
+
+def print_variant_table(rows: list[dict[str, object]]) -> None:
     """The variants table: seconds, speed-ups against ``current`` and ``monai_default``, agreement, memory."""
     by_name = {str(r["name"]): r for r in rows}
     current = by_name.get("current", {}).get("seconds")
@@ -349,74 +517,98 @@ def print_variant_table(rows: list[dict[str, object]], args: argparse.Namespace)
     print()
     print(
         f"{'variant':<22} {'windows':>7} {'e2e s':>8} {'net s':>8} {'vs curr':>9} {'vs MONAI':>9} "
-        f"{'agree':>7} {'agree fg':>8} {'peak RSS +MiB':>13}"
+        f"{'agree':>7} {'agree fg':>8} {'peak RSS +MiB':>13}  how"
     )
     for r in rows:
         seconds = float(r["seconds"])  # type: ignore[arg-type]
         agree = f"{float(r['agree']):>7.4f} {float(r['agree_fg']):>8.4f}"  # type: ignore[arg-type]
         print(
             f"{str(r['name']):<22} {int(r['windows']):>7} {seconds:>8.1f} {float(r['network']):>8.1f} "  # type: ignore[arg-type]
-            f"{ratio(current, seconds)} {ratio(monai, seconds)} {agree} {float(r['rss']):>13.0f}"  # type: ignore[arg-type]
+            f"{ratio(current, seconds)} {ratio(monai, seconds)} {agree} {float(r['rss']):>13.0f}  {r['how']}"  # type: ignore[arg-type]
         )
     print()
     for r in rows:
         print(f"  {str(r['name']):<22} {VARIANTS[str(r['name'])].description}")
     print(
-        "e2e: predict_file (validate, preprocess, network, softmax, resample back, argmax, write); net: the inferer "
-        "call alone; vs curr / vs MONAI: speed-up (their e2e seconds / this e2e); agree: share of voxels of the "
-        "written label map equal to current's, over all voxels and over the voxels either calls non-background; "
-        "peak RSS: highest resident memory during a call above the process's before it"
+        "e2e: seconds per scan, predict_file (validate, preprocess, network, softmax, resample back, argmax, write); "
+        "net: the inferer call alone; vs curr / vs MONAI: speed-up (their e2e seconds / this e2e, same run); agree: "
+        "share of voxels of the written label map equal to current's, over all voxels and over the voxels either "
+        "calls non-background (nan: no labels); peak RSS: highest resident memory during a call above the "
+        "process's before it"
     )
 
 
 # ---------------------------------------------------------------- one window (--windows)
 
 
+WINDOW_SETUPS: dict[str, tuple[torch.dtype, bool, bool]] = {  # dtype, channels-last copy, bfloat16 autocast
+    "fp32": (torch.float32, False, False),
+    "fp32_cl": (torch.float32, True, False),
+    "bf16_autocast": (torch.float32, False, True),
+    "bf16": (torch.bfloat16, False, False),
+    "bf16_cl": (torch.bfloat16, True, False),
+}
+
+
 def run_windows(args: argparse.Namespace, device: torch.device, config: str, amp: bool) -> None:
-    """Seconds per roi-sized window (the centre of the preprocessed volume) for each precision / layout setup."""
+    """Seconds per roi-sized window (the centre of the preprocessed volume) for each precision / layout setup,
+    and what that gives for the full window grid of the volume (seconds per window x windows, network only)."""
     del amp
+    names = list(args.windows) or list(WINDOW_SETUPS)
+    unknown = [n for n in names if n not in WINDOW_SETUPS]
+    if unknown:
+        raise SystemExit(f"unknown window setup(s) {unknown}; choose from {list(WINDOW_SETUPS)}")
     with tempfile.TemporaryDirectory(prefix="infer_bench_") as tmp:
         path = write_template(Path(tmp))
         network, settings, origin = build(config, args.model, device)
         x_full = build_preprocessing(settings)({"image": str(path)})["image"].as_tensor()[None]
     roi = tuple(int(r) for r in settings.patch_size)
+    n_grid = window_count(x_full.shape[2:], roi, OUR_OVERLAP)
     start = [max((s - r) // 2, 0) for s, r in zip(x_full.shape[2:], roi, strict=True)]
     x = x_full[(slice(None), slice(None), *(slice(b, b + r) for b, r in zip(start, roi, strict=True)))].to(device)
-    print(f"device {device}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(
+        f"device {device}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads; native bfloat16 "
+        f"(oneDNN) {bf16_supported()}"
+    )
     print(f"load average (1, 5, 15 min) at start: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(f"network: {origin}; one window {tuple(x.shape)} from the centre of the MNI152 volume")
-    copies = {
-        "fp32": (network, torch.float32, False, False),
-        "fp32_cl": (inference_copy(network, torch.float32, True), torch.float32, True, False),
-        "bf16_autocast": (network, torch.float32, False, True),
-        "bf16": (inference_copy(network, torch.bfloat16, False), torch.bfloat16, False, False),
-        "bf16_cl": (inference_copy(network, torch.bfloat16, True), torch.bfloat16, True, False),
-    }
+    print(
+        f"network: {origin}; one window {tuple(x.shape)} from the centre of the MNI152 volume; "
+        f"{args.warmup} untimed call(s), median of {args.repeats} timed call(s) per setup"
+    )
     reference: torch.Tensor | None = None
-    print(f"{'setup':<14} {'seconds':>8} {'vs fp32':>8} {'argmax agree':>13}")
+    print(f"{'setup':<14} {'s/window':>9} {'vs first':>9} {'argmax agree':>13} {f'x {n_grid} windows':>14}")
     base = None
-    for name, (net, dtype, channels_last, autocast) in copies.items():
+    for name in names:
+        dtype, channels_last, autocast = WINDOW_SETUPS[name]
+        net = inference_copy(network, dtype, channels_last) if (dtype != torch.float32 or channels_last) else network
         inp = x.to(dtype)
         if channels_last:
             inp = inp.contiguous(memory_format=torch.channels_last_3d)
-        context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
 
-        def call(net: torch.nn.Module = net, inp: torch.Tensor = inp, context: object = context) -> torch.Tensor:
-            with torch.inference_mode(), context:  # type: ignore[attr-defined]
+        def call(net: torch.nn.Module = net, inp: torch.Tensor = inp, autocast: bool = autocast) -> torch.Tensor:
+            context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+            with torch.inference_mode(), context:
                 return net(inp).float()
 
-        out = call()  # warm-up, and the output for the agreement
+        out = None
+        for _ in range(args.warmup):
+            out = call()
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            call()
+            out = call()
             times.append(time.perf_counter() - t0)
         seconds = statistics.median(times)
-        labels = out.argmax(1)
+        labels = out.argmax(1)  # type: ignore[union-attr]
         if reference is None:
             reference, base = labels, seconds
+            shares = torch.bincount(labels.flatten(), minlength=int(settings.out_channels)) / labels.numel()
+            print(f"  ({name} labels: share per class {', '.join(f'{float(v):.3f}' for v in shares)})")
         agree = float((labels == reference).float().mean())
-        print(f"{name:<14} {seconds:>8.2f} {base / seconds:>7.2f}x {agree:>13.4f}", flush=True)
+        print(
+            f"{name:<14} {seconds:>9.2f} {base / seconds:>8.2f}x {agree:>13.4f} {seconds * n_grid:>13.0f}s", flush=True
+        )
+        del net, out
 
 
 # ---------------------------------------------------------------- main
@@ -424,7 +616,9 @@ def run_windows(args: argparse.Namespace, device: torch.device, config: str, amp
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per stage, after one warm-up call")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed calls per stage / variant (default 3; --variants paper: 1)"
+    )
     parser.add_argument("--config", choices=tuple(CONFIGS), default=None, help="default: paper on CUDA, else cpu_small")
     parser.add_argument("--model", default=None, help="a trained model.pt (with model.json) instead of --config")
     parser.add_argument("--device", default=None, help="default: cuda:0 when available, else cpu")
@@ -440,15 +634,43 @@ def parse_args() -> argparse.Namespace:
         help=f"variants table instead of the stage table; no names: {' '.join(DEFAULT_VARIANTS)}; all: "
         f"{' '.join(VARIANTS)}",
     )
-    parser.add_argument("--windows", action="store_true", help="seconds per window for each precision / layout")
+    parser.add_argument(
+        "--windows",
+        nargs="*",
+        default=None,
+        metavar="SETUP",
+        help=f"seconds per window instead; no names: all of {' '.join(WINDOW_SETUPS)}",
+    )
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per variant (default: 1, paper: 0)")
+    parser.add_argument(
+        "--monai_windows",
+        type=int,
+        default=0,
+        metavar="K",
+        help="time MONAI's default on its first K windows only and extrapolate to all (printed as EXTRAPOLATED); "
+        "0 (default): run it in full",
+    )
+    parser.add_argument(
+        "--head",
+        choices=("fit", "random"),
+        default=None,
+        help="--variants without --model: fit the random network's output layer to intensity pseudo-labels of the "
+        "template (default), so labels are background outside the brain and tissue-like inside; or keep it random",
+    )
     args = parser.parse_args()
+    if args.head is None:
+        args.head = "fit" if args.variants is not None and args.model is None else "random"
+    if args.head == "fit" and args.model is not None:
+        parser.error("--head fit is for fresh networks (--config); a --model keeps its trained output layer")
     if args.variants is not None and args.variants == ["all"]:
         args.variants = list(VARIANTS)
+    slow = args.config == "paper" or (args.config is None and torch.cuda.is_available()) or args.model is not None
     if args.warmup is None:
-        args.warmup = 0 if args.config == "paper" or args.model else 1
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
+        args.warmup = 0 if slow else 1
+    if args.repeats is None:
+        args.repeats = 1 if slow and args.variants is not None else 3
+    if args.repeats < 1 or args.warmup < 0 or args.monai_windows < 0:
+        parser.error("--repeats must be at least 1, --warmup and --monai_windows at least 0")
     return args
 
 
@@ -559,7 +781,7 @@ def main() -> None:
     amp = device.type == "cuda" if args.amp is None else bool(args.amp)
     if args.variants is not None:
         run_variants(args, device, config, amp)
-    elif args.windows:
+    elif args.windows is not None:
         run_windows(args, device, config, amp)
     else:
         run_stages(args, device, config, amp)

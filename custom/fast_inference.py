@@ -1,30 +1,31 @@
 """Fast sliding-window inference on CPU: bfloat16, channels-last, foreground crop, whole-volume pass.
 
 :func:`custom.segmentation.build_inferer` returns a :class:`FastSlidingWindowInferer`. With its defaults it is
-MONAI's ``SlidingWindowInferer`` unchanged (float32, the whole image, ``roi_size`` windows); each option below
-trades a measured, small change of the output for speed (``benchmarks/infer.py --variants`` measures time and label
-agreement with the default path; ``bundles/ixi_tissue_seg/docs/README.md``, "Inference speed on CPU", has the
-figures):
+MONAI's ``SlidingWindowInferer`` unchanged (float32, the whole image, ``roi_size`` windows), and every bundle config
+uses the defaults unless asked otherwise (the inference configs' ``cpu_fast`` key, :func:`speed_options`). Each
+option below trades a small change of the output for speed; ``benchmarks/infer.py --variants`` measures seconds per
+scan and label agreement with the default path on one input:
 
 * ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"auto"``. ``bf16`` runs a bfloat16 copy of the network on CPUs
   that compute bfloat16 natively (oneDNN with AVX512-BF16 or AMX: :func:`bf16_supported`); elsewhere it falls back
   to float32 with one warning. ``auto`` is ``bf16`` on such CPUs and float32 otherwise, and on non-CPU devices (where
   the predictor's ``amp`` autocast applies). Logits come back as float32, so blending, softmax and everything after
-  them stay float32. A full bfloat16 copy is ~1.7x faster than ``torch.autocast`` on CPU, which casts every
-  convolution's input and output back and forth around the float32 normalisation layers.
+  them stay float32. A full bfloat16 copy avoids what ``torch.autocast`` does on CPU: cast every convolution's input
+  and output back and forth around the float32 normalisation layers.
 * ``channels_last``: run the copy in ``channels_last_3d`` memory format, with every ``InstanceNorm`` replaced by the
   same function written as ``group_norm`` with one group per channel (PyTorch's instance norm makes a contiguous copy
   of channels-last input; group norm has a native channels-last kernel). The same function: float32 results match
-  the original to float rounding. Alone it saves ~15 %; with ``bf16`` it is what makes bfloat16 pay (oneDNN's
-  bfloat16 convolutions use channels-last blocks).
+  the original to float rounding. oneDNN's bfloat16 convolutions use channels-last blocks, so it goes with ``bf16``.
 * ``crop_foreground``: run the sliding window over the bounding box of the head only (voxels brighter than the image
   minimum by ``crop_threshold``, in the preprocessed, normalised units, plus ``crop_margin`` voxels), and paste the
   result back onto the full grid; outside the box every voxel gets ``outside_value`` (for segmentation: logits that
-  make it background with probability 1). A 1 mm skull-stripped MNI-size brain needs 8 to 12 windows of 96^3 instead
-  of 27.
+  make it background with probability 1). Fewer windows where the head does not fill the field of view (the 1 mm
+  skull-stripped MNI152 template: 12 windows of 96^3 at overlap 0.25 instead of 27). The windows sit elsewhere than
+  on the full image, and the network's instance norms normalise each window over what it holds, so labels near
+  tissue boundaries can change.
 * ``whole_volume``: one network pass over the whole (cropped) image, padded to a multiple of ``size_divisor``, instead
   of overlapping windows: no voxel is computed twice. Instance norm then normalises over the whole image instead of
-  a 96^3 window, so outputs differ more than with the other options, and memory grows with the image.
+  a window, so outputs differ more than with the other options, and memory grows with the image.
 
 The bfloat16 / channels-last copy is made when the inferer is called and reused while the network's weights stay
 the same (same tensors, same in-place version counters), so loading a checkpoint or a training step makes a fresh
@@ -53,8 +54,10 @@ __all__ = [
     "ChannelsLastInstanceNorm",
     "bf16_supported",
     "foreground_box",
+    "grow_box",
     "inference_copy",
     "resolve_dtype",
+    "speed_options",
     "window_count",
 ]
 
@@ -62,6 +65,55 @@ logger = logging.getLogger(__name__)
 
 #: Values of ``precision``.
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "auto")
+
+#: What ``cpu_fast: true`` of the inference configs turns on (:func:`speed_options`): bfloat16 where the CPU computes
+#: it natively and the channels-last copy. The window grid (overlap 0.25, Gaussian blending) stays as in the default
+#: path; the foreground crop and the whole-volume pass, which move or remove the windows, are left out (a dict value
+#: of ``cpu_fast`` turns them on).
+CPU_FAST: dict[str, Any] = {"precision": "auto", "channels_last": True}
+#: Options of :class:`FastSlidingWindowInferer` / ``build_inferer`` that :func:`speed_options` accepts.
+SPEED_KEYS: tuple[str, ...] = (
+    "precision",
+    "channels_last",
+    "crop_foreground",
+    "crop_threshold",
+    "crop_margin",
+    "whole_volume",
+    "overlap",
+    "sw_batch_size",
+)
+
+
+def speed_options(cpu_fast: bool | str | dict[str, Any] | None, task: str = "segmentation") -> dict[str, Any]:
+    """Keywords of ``build_inferer`` for an inference config's ``cpu_fast`` value.
+
+    ``False`` / ``None`` (or the strings ``"false"``, ``"0"``, ``"no"``, as a command line may pass them): none (the
+    default path, unchanged). ``True``: :data:`CPU_FAST`, never with the foreground crop for ``task="regression"``
+    (a denoiser would leave the noise outside the box). A dict: :data:`CPU_FAST` updated by it, e.g.
+    ``{"crop_foreground": True}`` or ``{"crop_foreground": True, "overlap": 0.0}``; keys outside :data:`SPEED_KEYS`
+    are refused.
+    """
+    if isinstance(cpu_fast, str):
+        words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "": False}
+        if cpu_fast.strip().lower() not in words:
+            raise ValueError(f"cpu_fast must be true, false or a dict of options, got {cpu_fast!r}")
+        cpu_fast = words[cpu_fast.strip().lower()]
+    if cpu_fast is None or cpu_fast is False:
+        return {}
+    if cpu_fast is True:
+        extra: dict[str, Any] = {}
+    elif isinstance(cpu_fast, dict):
+        extra = dict(cpu_fast)
+        unknown = sorted(set(extra) - set(SPEED_KEYS))
+        if unknown:
+            raise ValueError(f"cpu_fast: unknown option(s) {unknown}; choose from {list(SPEED_KEYS)}")
+    else:
+        raise TypeError(f"cpu_fast must be true, false or a dict of options, got {cpu_fast!r}")
+    options = dict(CPU_FAST)
+    if task != "segmentation":
+        options.pop("crop_foreground", None)
+    options.update(extra)
+    return options
 
 
 def bf16_supported() -> bool:
@@ -210,6 +262,23 @@ def foreground_box(image: torch.Tensor, threshold: float = 0.05, margin: int = 0
     return tuple(box)
 
 
+def grow_box(box: tuple[slice, ...], size: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
+    """``box`` grown (about its centre, kept inside ``shape``) to at least ``size`` on each axis where the image
+    allows, so the sliding window does not pad a cropped region with ``cval`` (0, not the background of a
+    normalised image) where the full image needs no padding."""
+    grown = []
+    for s, want, full in zip(box, size, shape, strict=True):
+        start, stop, want, full = int(s.start), int(s.stop), int(want), int(full)
+        missing = min(want, full) - (stop - start)
+        if missing > 0:
+            start -= missing // 2
+            stop += missing - missing // 2
+            shift = max(-start, 0) - max(stop - full, 0)
+            start, stop = start + shift, stop + shift
+        grown.append(slice(start, stop))
+    return tuple(grown)
+
+
 def window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
     """How many windows MONAI's sliding window visits over ``shape`` (its padding and scan interval)."""
     padded = [max(int(s), int(r)) for s, r in zip(shape, roi, strict=True)]
@@ -295,13 +364,14 @@ class FastSlidingWindowInferer(SlidingWindowInferer):
         return _Cast(self._copy, dtype, self.channels_last)
 
     def _whole(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """One pass over ``inputs`` padded (constant ``cval``) to a multiple of ``size_divisor`` on every axis."""
+        """One pass over ``inputs`` padded to a multiple of ``size_divisor`` on every axis, with the image's minimum
+        (its background, as the voxels around a head in a window of the default path)."""
         spatial = inputs.shape[2:]
         pad: list[int] = []
         for size in reversed(spatial):
             extra = -int(size) % self.size_divisor
             pad += [extra // 2, extra - extra // 2]
-        x = F.pad(inputs, pad, mode="constant", value=float(self.cval)) if any(pad) else inputs
+        x = F.pad(inputs, pad, mode="constant", value=float(inputs.min())) if any(pad) else inputs
         out = network(x, *args, **kwargs)
         crop = tuple(
             slice(pad[2 * (len(spatial) - 1 - d)], pad[2 * (len(spatial) - 1 - d)] + int(s))
@@ -332,6 +402,8 @@ class FastSlidingWindowInferer(SlidingWindowInferer):
         region, box = inputs, None
         if self.crop_foreground:
             box = foreground_box(inputs, self.crop_threshold, self.crop_margin)
+            if box is not None and not self.whole_volume:
+                box = grow_box(box, self.roi_size, inputs.shape[2:])
             if box is not None:
                 region = inputs[(slice(None), slice(None), *box)]
         self.last_run["box"] = box

@@ -20,7 +20,7 @@ from ignite.engine import Engine, Events
 from monai.transforms import Compose, ResampleToMatchd
 
 from custom.errors import InputError
-from custom.fast_inference import FastSlidingWindowInferer
+from custom.fast_inference import SPEED_KEYS, FastSlidingWindowInferer, speed_options
 from custom.handlers import is_main_process
 from custom.io import atomic_torch_save, atomic_write_text
 from custom.networks import FrozenEncoderUNet
@@ -109,26 +109,34 @@ def build_preprocessing(
 
 def build_inferer(
     settings: DownstreamSettings,
-    overlap: float = 0.25,
-    sw_batch_size: int = 4,
+    overlap: float | None = None,
+    sw_batch_size: int | None = None,
     *,
-    precision: str = "fp32",
-    channels_last: bool = False,
-    crop_foreground: bool = False,
-    crop_threshold: float = 0.05,
-    crop_margin: int = 4,
-    whole_volume: bool = False,
+    cpu_fast: bool | str | dict[str, Any] | None = None,
+    **speed: Any,
 ) -> FastSlidingWindowInferer:
     """Sliding-window inference over ``settings.patch_size`` windows, Gaussian-weighted blending.
 
-    With the defaults this is MONAI's ``SlidingWindowInferer`` (float32, every window of the image), as training
-    validation and evaluation use it. The speed options (``precision``, ``channels_last``, ``crop_foreground`` with
-    ``crop_threshold`` / ``crop_margin``, ``whole_volume``) are those of
-    :class:`~custom.fast_inference.FastSlidingWindowInferer`; the inference configs turn them on (see the bundles'
-    docs, "Inference speed on CPU", for their time and label agreement). Outside a foreground crop, segmentation
+    With the defaults (overlap 0.25, ``sw_batch_size`` 4, no speed option) this is MONAI's ``SlidingWindowInferer``
+    (float32, every window of the image), as training validation, evaluation and inference use it.
+
+    ``cpu_fast``: the inference configs' key of that name, turned into speed options by
+    :func:`custom.fast_inference.speed_options` (``true``: bfloat16 where native, channels-last copy and, for
+    segmentation, the foreground crop). ``speed``: options of :class:`~custom.fast_inference.FastSlidingWindowInferer`
+    (``precision``, ``channels_last``, ``crop_foreground``, ``crop_threshold``, ``crop_margin``, ``whole_volume``);
+    they, ``overlap`` and ``sw_batch_size`` override what ``cpu_fast`` sets. Outside a foreground crop, segmentation
     outputs background (logits ``0`` for class 0, ``-1e4`` for the others; ``-1e4`` for a single sigmoid channel) and
     regression outputs ``0`` (a denoiser's predicted noise: the input is kept).
     """
+    options: dict[str, Any] = {"overlap": 0.25, "sw_batch_size": 4, **speed_options(cpu_fast, settings.task)}
+    options.update(speed)
+    if overlap is not None:
+        options["overlap"] = overlap
+    if sw_batch_size is not None:
+        options["sw_batch_size"] = sw_batch_size
+    unknown = sorted(set(options) - set(SPEED_KEYS))
+    if unknown:
+        raise TypeError(f"build_inferer: unknown option(s) {unknown}; choose from {list(SPEED_KEYS)}")
     channels = int(settings.out_channels)
     if settings.task == "segmentation":
         outside: float | list[float] = [0.0] + [-1.0e4] * (channels - 1) if channels > 1 else -1.0e4
@@ -136,17 +144,10 @@ def build_inferer(
         outside = 0.0
     return FastSlidingWindowInferer(
         roi_size=tuple(settings.patch_size),
-        sw_batch_size=sw_batch_size,
-        overlap=overlap,
         mode="gaussian",
-        precision=precision,
-        channels_last=channels_last,
-        crop_foreground=crop_foreground,
-        crop_threshold=crop_threshold,
-        crop_margin=crop_margin,
         outside_value=outside,
-        whole_volume=whole_volume,
         size_divisor=2 ** (len(tuple(settings.encoder_features)) - 1),
+        **options,
     )
 
 
