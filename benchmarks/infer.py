@@ -1,39 +1,70 @@
-"""Inference cost of ``bundles/ixi_tissue_seg``: seconds per 1 mm whole-brain volume and peak memory.
+"""Inference cost of ``bundles/ixi_tissue_seg``: seconds per 1 mm whole-brain volume, memory, and the fast CPU paths.
+
+(About 800 lines in one script on purpose: the lead runs one command that builds the input and the network once and
+times every path against the same references in the same process.)
 
 Input: the MNI152 T1 template from nilearn (``load_mni152_template(resolution=1)``, 197 x 233 x 189 voxels of
-1 mm), scaled to 0..1000 and written to a temporary ``.nii.gz``. Network: a freshly built
-:class:`~custom.networks.FrozenEncoderUNet` (random weights: they do not change the cost) from
+1 mm, skull-stripped, shipped with nilearn: no download), scaled to 0..1000 and written to a temporary ``.nii.gz``.
+Network: a freshly built :class:`~custom.networks.FrozenEncoderUNet` (seed 0) from
 :class:`~custom.segmentation.DownstreamSettings` of ``--config``:
 
 * ``cpu_small`` (default on CPU): encoder 8-16-32-64-96, decoder 96-64-32-16-8-8, 48^3 windows, 2 mm voxels;
-* ``paper`` (default on CUDA): encoder 64..768, decoder 768..32, 96^3 windows, 1 mm voxels;
+* ``paper`` (default on CUDA): encoder 64..768, decoder 768..32, 96^3 windows, 1 mm voxels (105 M parameters;
+  27 windows of 96^3 over the template at overlap 0.25);
 
 or the trained network of ``--model path/to/model.pt`` (with its ``model.json``, via
 :func:`~custom.segmentation.load_trained`; ``--config`` is then ignored).
 
-Timed, each after one warm-up call, median of ``--repeats`` calls:
+Three modes:
 
-* ``end to end``: :meth:`custom.inference.NiftiPredictor.predict_file` as the bundle's ``inference.yaml`` builds
-  it (task segmentation, 4 classes, ``build_inferer``: overlap 0.25, Gaussian blending, ``sw_batch_size`` 4; AMP
-  on CUDA): validate + load, RAS + resample + normalise, sliding window, softmax, resample back to the input
-  grid, argmax, write the label map;
-* ``pre``: the validation + preprocessing part alone (``validate_nifti`` + the bundle's preprocessing);
-* ``network (ours)``: the sliding-window network part alone, the same call ``predict_file`` makes, on the
-  preprocessed tensor; ``post`` is what is left of the end-to-end time (softmax, resample back, argmax, write);
-* ``network (baseline)``: MONAI's generic ``monai.inferers.sliding_window_inference`` with its default settings
-  (overlap 0.25, constant blending, ``sw_batch_size`` 1) on the same tensor and network, under the same
-  ``no_grad`` / autocast. The ratio ours / baseline of the network seconds is printed: the two differ in
-  blending (Gaussian vs constant) and windows per forward pass (4 vs 1), not in the windows visited.
+1. Stage table (default). Timed, each after one warm-up call, median of ``--repeats`` calls:
 
-Memory: on CUDA, ``torch.cuda.max_memory_allocated`` during each stage (peak counters reset before it; weights
-and the input tensor included). On CPU, the process's max RSS (``resource.getrusage``, a high-water mark that
-never goes down) before the first stage and after each stage: a stage's growth is how far it raised the
-process's peak, 0 when it stayed below an earlier stage's peak. Stages run in order of expected footprint (pre,
-baseline, ours network, end to end) so each growth is mostly that stage's own. Absolute times depend on the
-machine's load (other jobs, thread count); compare the ratio and shares.
+   * ``end to end``: :meth:`custom.inference.NiftiPredictor.predict_file` as the bundle's ``inference.yaml`` builds
+     it (task segmentation, 4 classes, ``build_inferer``: overlap 0.25, Gaussian blending, ``sw_batch_size`` 4;
+     AMP on CUDA): validate + load, RAS + resample + normalise, sliding window, softmax, resample back to the input
+     grid, argmax, write the label map;
+   * ``pre``: the validation + preprocessing part alone (``validate_nifti`` + the bundle's preprocessing);
+   * ``network (ours)``: the sliding-window network part alone, the same call ``predict_file`` makes, on the
+     preprocessed tensor; ``post`` is what is left of the end-to-end time (softmax, resample back, argmax, write);
+   * ``network (baseline)``: MONAI's generic ``monai.inferers.sliding_window_inference`` with its default settings
+     (overlap 0.25, constant blending, ``sw_batch_size`` 1) on the same tensor and network, under the same
+     ``no_grad`` / autocast. The ratio ours / baseline of the network seconds is printed.
+
+   Memory: on CUDA, ``torch.cuda.max_memory_allocated`` during each stage; on CPU, the process's max RSS
+   (``getrusage``) before the first stage and after each stage (a stage's growth: how far it raised the peak).
+
+2. ``--variants [NAME ...]``: seconds per scan (``predict_file`` end to end) for each way of running the network
+   part (:data:`VARIANTS`: ``current``, the configs' default path and the reference of the label agreement;
+   ``monai_default``, ``sliding_window_inference`` with its defaults and the reference of the speed-up; and the
+   fast options of :mod:`custom.fast_inference`, ``cpu_fast`` being what ``cpu_fast: true`` in an inference config
+   builds), the speed-up of each over ``current`` and over ``monai_default`` from the same run, and the share of
+   voxels of its written label map equal to ``current``'s (all voxels; voxels either calls non-background). With a
+   fresh network the output layer is fitted first (``--head fit``, the default; ``--head random`` keeps it): a
+   random network labels the background outside the head with random classes, which the foreground crop (background
+   outside the head by construction) cannot reproduce, so agreement on random labels says nothing about a trained
+   network. The fit is a logistic regression of the output layer on the network's last features over two windows
+   of the default grid, to intensity classes of the template (background outside the brain; three tissue classes by
+   a 1-D k-means inside): labels like a segmentation's, from a network that is otherwise random, *not* a trained
+   network. ``--monai_windows K`` times MONAI's default on K of its windows only (one forward each, as
+   ``sw_batch_size`` 1 runs them) and extrapolates to all its windows, plus ``current``'s measured pre/post; that
+   row says EXTRAPOLATED and has no agreement. Peak memory: the process's RSS sampled during each call, above its
+   level before the call.
+
+3. ``--windows [SETUP ...]``: seconds for one window (the centre of the volume) per precision / layout
+   (:data:`WINDOW_SETUPS`), the argmax agreement with the first setup, and that times the window count.
+
+Absolute times depend on the machine's load (other jobs, thread count; the load average is printed); compare the
+ratios of one run.
 
     python benchmarks/infer.py [--repeats 3] [--config cpu_small|paper] [--model path/to/model.pt]
                                [--device cpu|cuda:0] [--threads N] [--amp | --no-amp]
+                               [--variants [NAME ...] | all] [--monai_windows K] [--head fit|random] [--warmup N]
+                               [--windows [SETUP ...]]
+
+Paper-size CPU comparison in one command (from ``benchmarks/``)::
+
+    python infer.py --config paper --variants current monai_default bf16_cl cpu_fast bf16_cl_crop \
+        bf16_cl_crop_ov0 bf16_cl_crop_whole
 """
 
 from __future__ import annotations

@@ -84,6 +84,14 @@ SPEED_KEYS: tuple[str, ...] = (
 )
 
 
+def _as_bool(text: str, message: str) -> bool:
+    """``"true"`` / ``"false"`` (and ``1``/``0``, ``yes``/``no``, any case) as a command line passes them."""
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "": False}
+    if text.strip().lower() not in words:
+        raise ValueError(f"{message}, got {text!r}")
+    return words[text.strip().lower()]
+
+
 def speed_options(cpu_fast: bool | str | dict[str, Any] | None, task: str = "segmentation") -> dict[str, Any]:
     """Keywords of ``build_inferer`` for an inference config's ``cpu_fast`` value.
 
@@ -94,10 +102,7 @@ def speed_options(cpu_fast: bool | str | dict[str, Any] | None, task: str = "seg
     are refused.
     """
     if isinstance(cpu_fast, str):
-        words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "": False}
-        if cpu_fast.strip().lower() not in words:
-            raise ValueError(f"cpu_fast must be true, false or a dict of options, got {cpu_fast!r}")
-        cpu_fast = words[cpu_fast.strip().lower()]
+        cpu_fast = _as_bool(cpu_fast, "cpu_fast must be true, false or a dict of options")
     if cpu_fast is None or cpu_fast is False:
         return {}
     if cpu_fast is True:
@@ -107,6 +112,9 @@ def speed_options(cpu_fast: bool | str | dict[str, Any] | None, task: str = "seg
         unknown = sorted(set(extra) - set(SPEED_KEYS))
         if unknown:
             raise ValueError(f"cpu_fast: unknown option(s) {unknown}; choose from {list(SPEED_KEYS)}")
+        for key in ("channels_last", "crop_foreground", "whole_volume"):  # {crop_foreground: false} on a command line
+            if isinstance(extra.get(key), str):
+                extra[key] = _as_bool(extra[key], f"cpu_fast: {key} must be true or false")
     else:
         raise TypeError(f"cpu_fast must be true, false or a dict of options, got {cpu_fast!r}")
     options = dict(CPU_FAST)

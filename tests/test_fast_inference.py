@@ -139,6 +139,12 @@ def test_speed_options() -> None:
         "overlap": 0.0,
     }
     assert speed_options({"precision": "fp32"})["precision"] == "fp32"
+    # as MONAI's command line passes --cpu_fast "{crop_foreground: false}"
+    assert speed_options({"crop_foreground": "false", "channels_last": "False"}) == {
+        "precision": "auto",
+        "channels_last": False,
+        "crop_foreground": False,
+    }
     assert "crop_foreground" not in speed_options(True, task="regression")
     with pytest.raises(ValueError, match="unknown option"):
         speed_options({"crop": True})
