@@ -475,7 +475,11 @@ def run_variants(args: argparse.Namespace, device: torch.device, config: str, am
                 shares = shares / max(labels.size, 1)
                 print(
                     f"reference labels (current): share of voxels per class {', '.join(f'{v:.3f}' for v in shares)}"
-                    + ("; random weights: labels of an untrained network" if args.head == "random" else "")
+                    + (
+                        "; random weights: labels of an untrained network"
+                        if args.model is None and args.head == "random"
+                        else ""
+                    )
                 )
             agree = label_agreement(labels, reference) if reference is not None else (float("nan"),) * 2
             last = getattr(inferer, "last_run", {})
