@@ -33,8 +33,10 @@ def main() -> None:
     ap.add_argument("--margin", type=float, default=0.05)
     args = ap.parse_args()
     chance = math.log(2 * args.batch_size - 1)
-    print(f"| run | left chance at (share of run) | NT-Xent last {args.window} (chance {chance:.3f}) "
-          "| embedding std | pos / neg cosine |")
+    print(
+        f"| run | left chance at (share of run) | NT-Xent last {args.window} (chance {chance:.3f}) "
+        "| embedding std | pos / neg cosine |"
+    )
     print("|---|---|---|---|---|")
     for run in args.runs:
         s = scalars(run)
@@ -50,8 +52,10 @@ def main() -> None:
             return sum(v) / len(v)
 
         share = f"{left} ({left / len(nt):.0%})" if left else f"never in {len(nt)}"
-        print(f"| {run.name} | {share} | {last('contrastive'):.3f} | {last('embedding_std'):.3f} "
-              f"| {last('pos_cosine'):.2f} / {last('neg_cosine'):.2f} |")
+        print(
+            f"| {run.name} | {share} | {last('contrastive'):.3f} | {last('embedding_std'):.3f} "
+            f"| {last('pos_cosine'):.2f} / {last('neg_cosine'):.2f} |"
+        )
 
 
 if __name__ == "__main__":

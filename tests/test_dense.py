@@ -55,11 +55,18 @@ def test_pretraining_loss_with_dense_term_has_gradients():
     out = model(x)
     eye = torch.eye(4, dtype=torch.float64).expand(2, 4, 4)
     terms = loss(
-        out["z"][:2], out["z"][2:], out["recon"][:2], out["recon"][2:], x[:2], x[2:],
-        maps1=[m[:2] for m in out["maps"]], maps2=[m[2:] for m in out["maps"]], affine1=eye, affine2=eye,
+        out["z"][:2],
+        out["z"][2:],
+        out["recon"][:2],
+        out["recon"][2:],
+        x[:2],
+        x[2:],
+        maps1=[m[:2] for m in out["maps"]],
+        maps2=[m[2:] for m in out["maps"]],
+        affine1=eye,
+        affine2=eye,
     )
     assert set(terms) == {"loss", "contrastive", "reconstruction", "dense"}
     terms["loss"].backward()
     grads = [p.grad for p in model.encoder.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
-
