@@ -556,3 +556,32 @@ def test_failed_cell_is_reported_and_the_others_go_on(tiny_setup, tmp_path, caps
     assert {r["encoder"] for r in rows} == {"random"}
     assert "tissue_seg-T1-1subject-broken-s0" in (out / "tables.md").read_text()
     assert os.path.getsize(out / "figure.png") > 0
+
+
+def test_interrupt_with_jobs_starts_no_queued_cell(tmp_path, monkeypatch):
+    import signal
+    import threading
+    import time
+
+    import custom.experiment.runner as runner
+
+    started: list[str] = []
+    lock = threading.Lock()
+
+    def fake_run_cell(cell, folder, **kwargs):
+        with lock:
+            started.append(cell.name)
+            first = len(started) == 1
+        if first:  # Ctrl-C: the signal reaches the main thread, which waits for the cells
+            signal.raise_signal(signal.SIGINT)
+        time.sleep(0.3)
+        return runner.CellOutcome(cell, "failed", 0.3, folder / "log.txt", "training", "stub")
+
+    monkeypatch.setattr(runner, "run_cell", fake_run_cell)
+    grid = _fake_grid(tmp_path, {"random": "random", "other": "random"})
+    grid.jobs = 2
+    lines: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_grid(grid, tmp_path / "out", log=lines.append)
+    assert len(started) <= 2 < len(grid.cells())
+    assert "interrupted; the same command resumes" in "\n".join(lines)

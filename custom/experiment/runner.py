@@ -382,10 +382,14 @@ def run_grid(
     left = len(todo)
     lock = threading.Lock()
 
+    stopping = threading.Event()
+
     def one(i: int, cell: Cell) -> CellOutcome:
         nonlocal left
         folder = cell_dir(out, cell)
         prefix = f"[{i}/{len(cells)}] {cell.name}"
+        if stopping.is_set():  # interrupted while this cell waited for a free job: do not start it
+            return CellOutcome(cell, "failed", 0.0, folder / LOG, "training", "not started (interrupted)")
         log(f"{prefix}: training + evaluation (log: {folder / LOG})")
         outcome = run_cell(cell, folder, python=python, timeout_s=grid.timeout_s, log=log, threads=threads)
         with lock:
@@ -424,10 +428,15 @@ def run_grid(
             for i, cell in pending:
                 outcomes[i] = one(i, cell)
         else:
-            with ThreadPoolExecutor(max_workers=grid.jobs) as pool:
+            pool = ThreadPoolExecutor(max_workers=grid.jobs)
+            try:
                 futures = {pool.submit(one, i, cell): i for i, cell in pending}
                 for future in futures:
                     outcomes[futures[future]] = future.result()
+            finally:
+                # on Ctrl-C no queued cell may start; the running ones end with their (interrupted) children
+                stopping.set()
+                pool.shutdown(wait=True, cancel_futures=True)
     except KeyboardInterrupt:
         log("interrupted; the same command resumes (finished cells are skipped)")
         raise
