@@ -573,7 +573,7 @@ def test_interrupt_with_jobs_starts_no_queued_cell(tmp_path, monkeypatch):
             started.append(cell.name)
             first = len(started) == 1
         if first:  # Ctrl-C: the signal reaches the main thread, which waits for the cells
-            signal.raise_signal(signal.SIGINT)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
         time.sleep(0.3)
         return runner.CellOutcome(cell, "failed", 0.3, folder / "log.txt", "training", "stub")
 
@@ -581,7 +581,11 @@ def test_interrupt_with_jobs_starts_no_queued_cell(tmp_path, monkeypatch):
     grid = _fake_grid(tmp_path, {"random": "random", "other": "random"})
     grid.jobs = 2
     lines: list[str] = []
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_grid(grid, tmp_path / "out", log=lines.append)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own Ctrl-C, whatever ran before
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runner.run_grid(grid, tmp_path / "out", log=lines.append)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert len(started) <= 2 < len(grid.cells())
     assert "interrupted; the same command resumes" in "\n".join(lines)

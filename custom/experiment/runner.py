@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -392,6 +392,8 @@ def run_grid(
             return CellOutcome(cell, "failed", 0.0, folder / LOG, "training", "not started (interrupted)")
         log(f"{prefix}: training + evaluation (log: {folder / LOG})")
         outcome = run_cell(cell, folder, python=python, timeout_s=grid.timeout_s, log=log, threads=threads)
+        if outcome.message in ("exit code -2", "exit code 130"):  # its bundle run got Ctrl-C: start nothing more
+            stopping.set()
         with lock:
             left -= 1
             if outcome.status == "done":
@@ -431,8 +433,11 @@ def run_grid(
             pool = ThreadPoolExecutor(max_workers=grid.jobs)
             try:
                 futures = {pool.submit(one, i, cell): i for i, cell in pending}
-                for future in futures:
-                    outcomes[futures[future]] = future.result()
+                waiting = set(futures)
+                while waiting:  # short waits: the main thread takes a Ctrl-C within half a second
+                    finished, waiting = wait(waiting, timeout=0.5)
+                    for future in finished:
+                        outcomes[futures[future]] = future.result()
             finally:
                 # on Ctrl-C no queued cell may start; the running ones end with their (interrupted) children
                 stopping.set()
